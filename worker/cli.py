@@ -41,6 +41,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [CliError, ModelError, SettingsError, ServiceError,
                                          FileNotFoundError, PermissionError, ConnectionError]
     try:
+        from training.csvdata import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    try:
         from state.errors import StateError
 
         errors.append(StateError)

@@ -1,0 +1,622 @@
+"""End-to-end benchmark: events through a real broker, worker and Redis, into predictions.
+
+Run ``python -m bench.e2e`` (or ``lstream bench e2e``); ``--quick`` for a smoke run. On the
+embedded Tansu broker and a throwaway redis-server it measures, one after the other:
+
+- ``noop``: a Faust agent that only consumes (the framework's own ceiling);
+- ``naive``: a small Faust app doing per event what a first design would: JSON decode,
+  Redis GET of the stream's state, one torch LSTM step, Redis SET, one ``send``;
+- ``lstream``: the real worker (``lstream worker``) on single-event messages;
+- ``lstream-batch`` (and ``noop-batch``): the same on gateway batches of 100 readings.
+
+Every worker runs as a subprocess, so its CPU time can be read from ``/proc``. For each case
+the input topic is filled first (``--events``), then the worker starts and drains it:
+
+- events/s: readings processed per second of wall time, from the first output to the last
+  (output record timestamps; the no-op agent reports its own first/last event times);
+- CPU us/event: the worker process's CPU time (user + system, with its children) in that
+  same window, divided by the readings processed in it;
+- latency: afterwards, readings are produced at a steady rate (half the measured drain rate,
+  at most ``--latency-rate``) stamped with the send time in ``ts``, and each prediction's
+  arrival time at the benchmark minus its ``ts`` gives p50/p99.
+
+Numbers depend on the machine and on what else runs on it; the broker, Redis and the
+benchmark itself share the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+GATEWAY_BATCH = 100
+
+
+# --------------------------------------------------------------------------------------
+# The Faust apps under test (run in a subprocess: python -m bench.e2e --agent KIND ...)
+# --------------------------------------------------------------------------------------
+
+def _model_shape() -> tuple[int, int, int]:
+    """(input_size, hidden_size, num_layers) of the bundled model, so the naive worker's LSTM
+    costs what the real one would; a small default if the model is not there."""
+    path = ROOT / "models" / "default" / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+        return int(meta["input_size"]), int(meta["hidden_size"]), int(meta["num_layers"])
+    except (OSError, ValueError, KeyError):
+        return 1, 32, 1
+
+
+def _faust_app(app_id: str, broker: str, partitions: int, datadir: str) -> Any:
+    import faust
+
+    return faust.App(app_id, broker=broker, web_enabled=False, broker_session_timeout=10.0,
+                     broker_heartbeat_interval=1.0, stream_recovery_delay=0.0,
+                     consumer_auto_offset_reset="earliest", topic_partitions=partitions,
+                     store="memory://", datadir=datadir, key_serializer="raw", value_serializer="raw")
+
+
+def run_agent(opts: argparse.Namespace) -> int:
+    """Run the ``noop`` or ``naive`` Faust app until SIGTERM."""
+    import faust
+
+    datadir = tempfile.mkdtemp(prefix="bench-faust-")
+    app = _faust_app(opts.app_id, opts.broker, opts.partitions, datadir)
+    source = app.topic(opts.input, key_type=bytes, value_type=bytes)
+
+    if opts.agent == "noop":
+        state = {"n": 0, "first": 0.0}
+
+        @app.agent(source)
+        async def noop(stream: Any) -> None:
+            async for value in stream:
+                n = state["n"] = state["n"] + (len(json.loads(value)) if opts.count_elements else 1)
+                if state["first"] == 0.0:
+                    state["first"] = time.time()
+                    state["first_n"] = n
+                if n >= opts.expect and "done" not in state:
+                    state["done"] = time.time()
+                    report = {"first": state["first"], "last": state["done"], "n": n - state["first_n"]}
+                    Path(opts.report).write_text(json.dumps(report))
+    else:
+        import numpy as np
+        import orjson
+        import redis.asyncio as aioredis
+        import torch
+
+        torch.set_num_threads(1)
+        f, hid, layers = _model_shape()
+        torch.manual_seed(0)
+        lstm = torch.nn.LSTM(f, hid, layers, batch_first=True).eval()
+        head = torch.nn.Linear(hid, f).eval()
+        sink = app.topic(opts.output, key_type=bytes, value_type=bytes)
+        rds = aioredis.Redis.from_url(opts.redis)
+        size = layers * hid
+
+        @app.agent(source)
+        async def naive(stream: Any) -> None:
+            async for key, value in stream.items():
+                ev = orjson.loads(value)
+                sid = ev["stream_id"]
+                raw = await rds.get("naive:" + sid)
+                if raw is None:
+                    h = torch.zeros(layers, 1, hid)
+                    c = torch.zeros(layers, 1, hid)
+                    step = 0
+                else:
+                    arr = np.frombuffer(raw, dtype=np.float32)
+                    h = torch.from_numpy(arr[:size].copy()).view(layers, 1, hid)
+                    c = torch.from_numpy(arr[size:2 * size].copy()).view(layers, 1, hid)
+                    step = int(arr[-1])
+                x = torch.tensor(ev["values"], dtype=torch.float32).view(1, 1, f)
+                with torch.no_grad():
+                    out, (h, c) = lstm(x, (h, c))
+                    y = head(out[:, -1])
+                state_bytes = h.numpy().tobytes() + c.numpy().tobytes() + np.float32(step + 1).tobytes()
+                await rds.set("naive:" + sid, state_bytes)
+                pred = {"stream_id": sid, "ts": ev["ts"], "step": step + 1, "forecast": y.view(-1).tolist()}
+                await sink.send(key=key, value=orjson.dumps(pred))
+
+    worker = faust.Worker(app, loglevel="warning", quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        shutil.rmtree(datadir, ignore_errors=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Measuring harness
+# --------------------------------------------------------------------------------------
+
+def _proc_cpu(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds, parent pid) of one process; (0, 0) if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0, 0
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, int(fields[1])
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            _, ppid = _proc_cpu(int(entry))
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _proc_cpu(p)[0]
+        todo.extend(children.get(p, []))
+    return total
+
+
+class CpuSampler:
+    """Samples a process tree's CPU time every ``interval`` seconds (wall time, cpu seconds)."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), tree_cpu(self.pid)))
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def at(self, t: float) -> float:
+        """CPU seconds at wall time ``t`` (linear between samples)."""
+        s = self.samples
+        if not s:
+            return 0.0
+        if t <= s[0][0]:
+            return s[0][1]
+        for (t0, c0), (t1, c1) in zip(s, s[1:]):
+            if t0 <= t <= t1:
+                return c0 + (c1 - c0) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.0)
+        return s[-1][1]
+
+    def busy(self, seconds: float) -> float:
+        """CPU seconds used in the last ``seconds`` of samples."""
+        if not self.samples:
+            return 0.0
+        t_end, c_end = self.samples[-1]
+        return c_end - self.at(t_end - seconds)
+
+
+class OutputReader:
+    """Reads a topic from the beginning without a consumer group, on demand."""
+
+    def __init__(self, broker: str, topic: str) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.stamps: list[int] = []  # record timestamps (ms)
+        self.latencies: list[float] = []  # seconds, for predictions with ts >= latency_from
+        self.latency_from = float("inf")
+        self._consumer: Any = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        from worker.kafka import bootstrap
+
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(self.broker), group_id=None,
+                                          enable_auto_commit=False, auto_offset_reset="earliest",
+                                          fetch_max_wait_ms=20, max_partition_fetch_bytes=4 * 1024 * 1024)
+        await self._consumer.start()
+        self._assigned = False
+
+    async def _assign(self) -> bool:
+        from aiokafka import TopicPartition
+
+        if not self._assigned:
+            await self._consumer._client.force_metadata_update()  # noqa: SLF001
+            parts = self._consumer.partitions_for_topic(self.topic)
+            if not parts:
+                return False
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            self._consumer.assign(tps)
+            await self._consumer.seek_to_beginning(*tps)
+            self._assigned = True
+        return True
+
+    async def poll(self, timeout_ms: int = 50) -> int:
+        """Read what is available now; returns how many records came."""
+        import orjson
+
+        if not await self._assign():
+            return 0
+        batch = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=50_000)
+        now = time.time()
+        n = 0
+        for msgs in batch.values():
+            for m in msgs:
+                self.stamps.append(m.timestamp)
+                if m.timestamp >= self.latency_from * 1000 - 1:
+                    ts = orjson.loads(m.value).get("ts")
+                    if isinstance(ts, (int, float)) and ts >= self.latency_from:
+                        self.latencies.append(now - ts)
+                n += 1
+        return n
+
+    async def drain(self) -> int:
+        """Read until nothing more comes right away."""
+        total = 0
+        while (n := await self.poll(100)) > 0:
+            total += n
+        return total
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+@dataclass
+class Result:
+    case: str
+    messages: int = 0
+    readings: int = 0
+    rate: float = float("nan")  # readings per second
+    cpu_us: float = float("nan")  # worker CPU microseconds per reading
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    streams: int = 1000
+    events: int = 20_000  # single-event messages for noop and lstream
+    naive_events: int = 4_000  # the naive worker is slow: fewer, same streams
+    batch_messages: int = 2_000  # gateway batches of 100 readings
+    latency_seconds: float = 5.0
+    latency_rate: float = 2_000.0  # readings/s, at most
+    partitions: int = 8
+    timeout: float = 180.0  # per case
+    cases: tuple[str, ...] = ("noop", "naive", "lstream", "noop-batch", "lstream-batch")
+
+
+QUICK = Config(streams=100, events=2_000, naive_events=400, batch_messages=50, latency_seconds=1.5,
+               latency_rate=500.0, timeout=90.0)
+
+
+class Feed:
+    """Readings for ``streams`` streams, one step of every stream at a time, ts = send time."""
+
+    def __init__(self, streams: int) -> None:
+        from training.synthetic import generate
+
+        steps = 64
+        self.values = [s.values.tolist() for s in generate(streams, steps, seed=7, anomaly_rate=0.005)]
+        self.ids = [f"bench-{i:05d}" for i in range(streams)]
+        self.step = [0] * streams
+        self.next = 0
+
+    def reading(self) -> dict[str, Any]:
+        i = self.next
+        self.next = (i + 1) % len(self.ids)
+        k = self.step[i]
+        self.step[i] = k + 1
+        sid = self.ids[i]
+        vals = self.values[i]
+        return {"stream_id": sid, "ts": time.time(), "values": vals[k % len(vals)], "event_id": f"{sid}:{k}"}
+
+
+async def _send(broker: str, topic: str, feed: Feed, readings: int, batch: int, gateways: int,
+                rate: float = 0.0) -> int:
+    """Send ``readings`` readings (as single events or gateway batches); returns messages sent."""
+    import orjson
+
+    from worker.commands.produce import gateway_of
+    from worker.kafka import Sender
+
+    messages = 0
+    buffers: dict[str, list[dict[str, Any]]] = {}
+    t0 = time.monotonic()
+    async with Sender(broker, linger_ms=5) as sender:
+        for k in range(readings):
+            if rate > 0:
+                ahead = t0 + k / rate - time.monotonic()
+                if ahead > 0.002:
+                    await asyncio.sleep(ahead)
+            ev = feed.reading()
+            if batch <= 1:
+                await sender.send(topic, orjson.dumps(ev), ev["stream_id"].encode())
+                messages += 1
+                continue
+            gw = gateway_of(ev["stream_id"], gateways)
+            buf = buffers.setdefault(gw, [])
+            buf.append(ev)
+            if len(buf) >= batch:
+                await sender.send(topic, orjson.dumps(buf), gw.encode())
+                messages += 1
+                buffers[gw] = []
+        for gw, buf in buffers.items():
+            if buf:
+                await sender.send(topic, orjson.dumps(buf), gw.encode())
+                messages += 1
+    return messages
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+class Bench:
+    def __init__(self, cfg: Config, broker: str, redis_url: str, workdir: str, log: Any) -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.redis_url = redis_url
+        self.workdir = workdir
+        self.log = log
+
+    def _command(self, case: str, input_topic: str, output_topic: str, expect: int, report: str,
+                 run_id: str) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        kind = case.split("-")[0]
+        if kind in ("noop", "naive"):
+            cmd = [sys.executable, "-m", "bench.e2e", "--agent", kind, "--broker", self.broker,
+                   "--input", input_topic, "--output", output_topic, "--redis", self.redis_url,
+                   "--app-id", f"bench-{case}-{run_id}", "--expect", str(expect), "--report", report,
+                   "--partitions", str(self.cfg.partitions)]
+            if case.endswith("-batch"):
+                cmd.append("--count-elements")
+            return cmd, env
+        from worker.services import free_port
+
+        env.update({
+            "LSTREAM_BROKER": self.broker, "LSTREAM_REDIS_URL": self.redis_url,
+            "LSTREAM_INPUT_TOPIC": input_topic, "LSTREAM_PREDICTIONS_TOPIC": output_topic,
+            "LSTREAM_ALERTS_TOPIC": f"alerts-{run_id}", "LSTREAM_DLQ_TOPIC": f"dlq-{run_id}",
+            "LSTREAM_APP_ID": f"bench-{case}-{run_id}", "LSTREAM_WEB_PORT": str(free_port()),
+            "LSTREAM_SESSION_TIMEOUT": "10", "LSTREAM_PARTITIONS": str(self.cfg.partitions),
+            "LSTREAM_LOG_LEVEL": "warning",
+        })
+        return [sys.executable, "-m", "worker.cli", "worker"], env
+
+    async def run_case(self, case: str) -> Result:
+        import redis.asyncio as aioredis
+
+        from worker.kafka import ensure_topics
+
+        cfg = self.cfg
+        batched = case.endswith("-batch")
+        kind = case.split("-")[0]
+        run_id = uuid.uuid4().hex[:8]
+        input_topic, output_topic = f"in-{case}-{run_id}", f"out-{case}-{run_id}"
+        readings = (cfg.batch_messages * GATEWAY_BATCH if batched
+                    else cfg.naive_events if kind == "naive" else cfg.events)
+        gateways = max(1, cfg.streams // GATEWAY_BATCH)
+        result = Result(case)
+        await ensure_topics(self.broker, [input_topic, output_topic], cfg.partitions)
+        rds = aioredis.Redis.from_url(self.redis_url)
+        await rds.flushall()
+        await rds.aclose()
+        feed = Feed(cfg.streams)
+        t0 = time.monotonic()
+        result.messages = await _send(self.broker, input_topic, feed, readings,
+                                      GATEWAY_BATCH if batched else 1, gateways)
+        result.readings = readings
+        self.log(f"{case}: produced {readings} readings in {result.messages} messages "
+                 f"({time.monotonic() - t0:.1f} s); starting the worker")
+        report = os.path.join(self.workdir, f"report-{case}-{run_id}.json")
+        cmd, env = self._command(case, input_topic, output_topic, readings, report, run_id)
+        logfile = open(os.path.join(self.workdir, f"{case}.log"), "wb")
+        proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdin=subprocess.DEVNULL, stdout=logfile,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        sampler = CpuSampler(proc.pid)
+        sampler.start()
+        reader = OutputReader(self.broker, output_topic)
+        await reader.start()
+        try:
+            first, last, n = await self._wait_drained(kind, proc, reader, sampler, readings, report)
+            result.rate = n / (last - first) if last > first else float("nan")
+            cpu = sampler.at(last) - sampler.at(first)
+            result.cpu_us = cpu / n * 1e6 if n else float("nan")
+            result.extra.update(window_s=round(last - first, 3), window_readings=n,
+                                worker_cpu_s=round(cpu, 3))
+            if kind != "noop":
+                await self._latency(result, feed, input_topic, reader, batched, gateways)
+        except Exception as exc:  # one failed case must not hide the others
+            result.note = f"failed: {exc}"
+            self.log(f"{case}: {result.note}; worker log: {logfile.name}")
+        finally:
+            await reader.stop()
+            await sampler.stop()
+            self._stop(proc)
+            logfile.close()
+        return result
+
+    async def _wait_drained(self, kind: str, proc: subprocess.Popen[bytes], reader: OutputReader,
+                            sampler: CpuSampler, expect: int, report: str) -> tuple[float, float, int]:
+        """(first, last, n): wall times of the first and last output and readings processed after the first."""
+        deadline = time.monotonic() + self.cfg.timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {proc.returncode}")
+            if kind == "noop":
+                if os.path.exists(report):
+                    doc = json.loads(Path(report).read_text())
+                    return doc["first"], doc["last"], doc["n"]
+                continue
+            # Read the outputs only while the worker is idle, so reading does not slow it down.
+            if sampler.busy(1.0) > 0.05:
+                continue
+            await reader.drain()
+            if len(reader.stamps) >= expect:
+                stamps = sorted(reader.stamps)
+                first, last = stamps[0], stamps[-1]
+                n = sum(1 for s in stamps if s > first)
+                return first / 1000, last / 1000, n
+        raise RuntimeError(f"timed out after {self.cfg.timeout:.0f} s with {len(reader.stamps)} of {expect} outputs")
+
+    async def _latency(self, result: Result, feed: Feed, input_topic: str, reader: OutputReader,
+                       batched: bool, gateways: int) -> None:
+        cfg = self.cfg
+        rate = min(cfg.latency_rate * (GATEWAY_BATCH if batched else 1), 0.5 * result.rate)
+        count = max(1, int(rate * cfg.latency_seconds))
+        reader.latency_from = time.time()
+        before = len(reader.stamps)
+        producing = asyncio.ensure_future(_send(self.broker, input_topic, feed, count,
+                                                GATEWAY_BATCH if batched else 1, gateways, rate))
+        deadline = time.monotonic() + cfg.latency_seconds + 15
+        while time.monotonic() < deadline:
+            await reader.poll(20)
+            if producing.done() and len(reader.stamps) - before >= count:
+                break
+        await producing
+        result.p50_ms = _percentile(reader.latencies, 50) * 1000
+        result.p99_ms = _percentile(reader.latencies, 99) * 1000
+        result.extra.update(latency_rate=round(rate), latency_samples=len(reader.latencies))
+        if len(reader.latencies) < count:
+            result.note = f"latency: {len(reader.latencies)} of {count} predictions arrived"
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            except ProcessLookupError:
+                pass
+
+
+def table(results: Sequence[Result]) -> str:
+    """The results as a fixed-width text table, with the targets underneath."""
+    head = f"{'case':<14} {'messages':>9} {'readings':>9} {'readings/s':>11} {'CPU us/rd':>10} {'p50 ms':>8} {'p99 ms':>8}  note"
+    lines = [head, "-" * len(head)]
+
+    def num(x: float, fmt: str) -> str:
+        return "-" if x != x else format(x, fmt)
+
+    for r in results:
+        lines.append(f"{r.case:<14} {r.messages:>9} {r.readings:>9} {num(r.rate, ',.0f'):>11} "
+                     f"{num(r.cpu_us, ',.0f'):>10} {num(r.p50_ms, '.1f'):>8} {num(r.p99_ms, '.1f'):>8}  {r.note}")
+    by = {r.case: r for r in results}
+    checks = []
+    if "lstream" in by and "naive" in by:
+        x = by["lstream"].rate / by["naive"].rate
+        checks.append(f"lstream / naive (single events): {x:.1f}x (target >= 10x)")
+    if "lstream" in by and "noop" in by:
+        x = by["lstream"].rate / by["noop"].rate
+        checks.append(f"lstream / no-op agent (single events): {x:.0%} (target >= 70%)")
+    if "lstream-batch" in by:
+        checks.append(f"lstream gateway batches: {by['lstream-batch'].rate:,.0f} readings/s per worker "
+                      f"process (target >= 50,000)")
+    return "\n".join(lines + [""] + checks)
+
+
+def build_parser(prog: str = "python -m bench.e2e") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a small smoke run")
+    p.add_argument("--cases", help=f"comma-separated subset of {','.join(Config().cases)}")
+    p.add_argument("--events", type=int, help="single-event messages for noop and lstream")
+    p.add_argument("--naive-events", type=int, help="messages for the naive worker")
+    p.add_argument("--batch-messages", type=int, help="gateway batches of 100 readings")
+    p.add_argument("--streams", type=int, help="distinct streams")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--keep-logs", action="store_true", help="keep the workers' logs and print where")
+    # internal: run one of the Faust apps under test
+    p.add_argument("--agent", choices=["noop", "naive"], help=argparse.SUPPRESS)
+    for name in ("--broker", "--input", "--output", "--redis", "--app-id", "--report"):
+        p.add_argument(name, help=argparse.SUPPRESS)
+    p.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--partitions", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--count-elements", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    cfg = QUICK if args.quick else Config()
+    changes: dict[str, Any] = {}
+    for name in ("events", "naive_events", "batch_messages", "streams"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise SystemExit(f"bench e2e: --{name.replace('_', '-')}: expected at least 1, got {value}")
+            changes[name] = value
+    if args.cases:
+        cases = tuple(c.strip() for c in args.cases.split(",") if c.strip())
+        unknown = [c for c in cases if c not in Config().cases]
+        if unknown:
+            raise SystemExit(f"bench e2e: --cases: expected names from {','.join(Config().cases)}, got {unknown}")
+        changes["cases"] = cases
+    return Config(**{**asdict(cfg), **changes})
+
+
+async def run_bench(cfg: Config, log: Any = None, keep_logs: bool = False) -> list[Result]:
+    """Start the broker and Redis, run every case in ``cfg.cases``, stop everything."""
+    from worker.services import start_broker, start_redis
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    workdir = tempfile.mkdtemp(prefix="lstream-bench-")
+    results = []
+    try:
+        with start_broker() as broker, start_redis() as rds:
+            bench = Bench(cfg, broker.url, rds.url, workdir, log)
+            for case in cfg.cases:
+                r = await bench.run_case(case)
+                log(f"{case}: {r.rate:,.0f} readings/s, {r.cpu_us:,.0f} us CPU per reading {r.note}".rstrip())
+                results.append(r)
+    finally:
+        if keep_logs:
+            log(f"worker logs in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.agent:
+        return run_agent(args)
+    cfg = config_from(args)
+    results = asyncio.run(run_bench(cfg, keep_logs=args.keep_logs))
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    else:
+        print(table(results))
+    return 1 if any(r.note.startswith("failed") for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

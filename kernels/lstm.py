@@ -1,0 +1,379 @@
+"""Stacked LSTM + linear head, one time step for n streams: numba kernels and their wrapper.
+
+Semantics are ``torch.nn.LSTM`` (gate order i, f, g, o; bias = bias_ih + bias_hh) followed by
+the head's linear layers (activation relu, tanh or none). Layout, chosen once at load:
+
+- layer l: ``W[l]`` float32 (K, 4H), K = fan_in + H, rows = [input features..., hidden...],
+  i.e. ``[W_ih | W_hh].T``; ``gates = [x, h] @ W[l] + b[l]``. The same array feeds both paths:
+  the per-stream loop walks its rows (contiguous 4H-wide axpy, vectorises without reassociation)
+  and the batch path hands it to BLAS as the right operand.
+- head layer m: weight transposed to (in, out), so again ``y = z @ Wt + b``.
+
+Two paths:
+
+- small n (<= ``SMALL_N``): one numba kernel does the whole step, stream by stream.
+- large n: per layer one float32 BLAS matmul (numpy ``matmul`` into preallocated buffers) and
+  one fused numba kernel for bias + activations + cell update, which also writes the next
+  layer's input.
+
+tanh and sigmoid use a rational approximation (clamped odd 13/6 rational, sigmoid(x) =
+(1 + tanh(x/2)) / 2): it vectorises, and its error (< 5e-7 absolute, checked in
+tests/test_kernels.py) is far below the 1e-5 agreement with torch that the contract asks for.
+
+Kernels are private, ``@njit(cache=True)`` and write into caller-allocated buffers; the public
+:func:`lstm_step` checks shapes and dtypes first (STUMPY style).
+
+>>> import numpy as np
+>>> p = pack([(np.zeros((8, 1), np.float32), np.zeros((8, 2), np.float32),
+...            np.zeros(8, np.float32), np.zeros(8, np.float32))],
+...          [(np.ones((1, 2), np.float32), np.zeros(1, np.float32), None)])
+>>> h = np.zeros((3, 1, 2), np.float32); c = np.zeros_like(h)
+>>> lstm_step(p, np.ones((3, 1), np.float32), h, c)   # all gates 0.5, g = 0 -> state stays 0
+array([[0.],
+       [0.],
+       [0.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit
+
+# Below or at this many streams, the per-stream numba loop beats BLAS (measured with
+# bench/kernels.py on 2-core x86_64: the crossover is near n = 8 for H = 64).
+SMALL_N = 8
+
+ACT_NONE, ACT_RELU, ACT_TANH = 0, 1, 2
+ACT_CODES = {None: ACT_NONE, "none": ACT_NONE, "relu": ACT_RELU, "tanh": ACT_TANH}
+
+# "contract" lets LLVM fuse multiply-adds (FMA): more accurate, not less. No nnan/ninf: NaN in
+# the input must come out as NaN, not be clamped into a number.
+_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+
+_F = np.float32
+_CLAMP = _F(7.90531110763549805)
+_A1, _A3, _A5, _A7 = _F(4.89352455891786e-03), _F(6.37261928875436e-04), _F(1.48572235717979e-05), _F(5.12229709037114e-08)
+_A9, _A11, _A13 = _F(-8.60467152213735e-11), _F(2.00018790482477e-13), _F(-2.76076847742355e-16)
+_B0, _B2, _B4, _B6 = _F(4.89352518554385e-03), _F(2.26843463243900e-03), _F(1.18534705686654e-04), _F(1.19825839466702e-06)
+_HALF = _F(0.5)
+_ZERO = _F(0.0)
+
+
+@njit(**_JIT)
+def _tanh(x):  # pragma: no cover - compiled
+    # Odd rational approximation on [-c, c], saturating outside (comparisons are false for NaN,
+    # so NaN passes through).
+    if x > _CLAMP:
+        x = _CLAMP
+    if x < -_CLAMP:
+        x = -_CLAMP
+    x2 = x * x
+    p = _A13
+    p = p * x2 + _A11
+    p = p * x2 + _A9
+    p = p * x2 + _A7
+    p = p * x2 + _A5
+    p = p * x2 + _A3
+    p = p * x2 + _A1
+    q = _B6
+    q = q * x2 + _B4
+    q = q * x2 + _B2
+    q = q * x2 + _B0
+    return x * p / q
+
+
+@njit(**_JIT)
+def _sigmoid(x):  # pragma: no cover - compiled
+    return _HALF * _tanh(_HALF * x) + _HALF
+
+
+@njit(**_JIT)
+def _act_inplace(v, act):  # pragma: no cover - compiled
+    """Apply activation code ``act`` to the 1-d buffer ``v`` in place."""
+    if act == ACT_RELU:
+        for j in range(v.shape[0]):
+            if v[j] < _ZERO:
+                v[j] = _ZERO
+    elif act == ACT_TANH:
+        for j in range(v.shape[0]):
+            v[j] = _tanh(v[j])
+
+
+@njit(**_JIT)
+def _gates_axpy(z, w, b, g):  # pragma: no cover - compiled
+    """g = b + z @ w for one stream, w (K, 4H) walked by rows, four rows per pass so that g is
+    loaded and stored a quarter as often (the loop is bound by memory traffic, not FLOPs)."""
+    k_all, g4 = w.shape
+    for j in range(g4):
+        g[j] = b[j]
+    k = 0
+    while k + 4 <= k_all:
+        v0 = z[k]
+        v1 = z[k + 1]
+        v2 = z[k + 2]
+        v3 = z[k + 3]
+        for j in range(g4):
+            g[j] += (v0 * w[k, j] + v1 * w[k + 1, j]) + (v2 * w[k + 2, j] + v3 * w[k + 3, j])
+        k += 4
+    while k < k_all:
+        v = z[k]
+        for j in range(g4):
+            g[j] += v * w[k, j]
+        k += 1
+
+
+@njit(**_JIT)
+def _cell_row(g, h, c, s, layer):  # pragma: no cover - compiled
+    """Activations + cell update of one stream's layer from its gates g (4H,)."""
+    hid = h.shape[2]
+    for j in range(hid):
+        ig = _sigmoid(g[j])
+        fg = _sigmoid(g[hid + j])
+        gg = _tanh(g[2 * hid + j])
+        og = _sigmoid(g[3 * hid + j])
+        cn = fg * c[s, layer, j] + ig * gg
+        c[s, layer, j] = cn
+        h[s, layer, j] = og * _tanh(cn)
+
+
+@njit(**_JIT)
+def _step_small(x, h, c, y, params, meta, scratch):  # pragma: no cover - compiled
+    """Whole step for each stream in turn: z = [input, h], gates, cell update, head.
+
+    All weights live in one flat array ``params`` described by ``meta`` (see :func:`pack`) and
+    all scratch in one flat array: few arguments keep numba's per-call dispatch cost low, which
+    matters at n = 1."""
+    n, n_in = x.shape
+    n_layers = h.shape[1]
+    hid = h.shape[2]
+    g4 = 4 * hid
+    nh = meta[3]
+    off_b = meta[4]
+    k_max = max(n_in, hid) + hid
+    g = scratch[:g4]
+    z = scratch[g4:g4 + k_max]
+    width = (scratch.shape[0] - g4 - k_max) // 2
+    za = scratch[g4 + k_max:g4 + k_max + width]
+    zb = scratch[g4 + k_max + width:g4 + k_max + 2 * width]
+    for s in range(n):
+        for layer in range(n_layers):
+            if layer == 0:
+                k_in = n_in
+                for k in range(n_in):
+                    z[k] = x[s, k]
+            else:
+                k_in = hid
+                for k in range(hid):
+                    z[k] = h[s, layer - 1, k]
+            for k in range(hid):
+                z[k_in + k] = h[s, layer, k]
+            k_all = k_in + hid
+            ow = meta[5 + layer]
+            w = params[ow:ow + k_all * g4].reshape((k_all, g4))
+            _gates_axpy(z[:k_all], w, params[off_b + layer * g4:off_b + (layer + 1) * g4], g)
+            _cell_row(g, h, c, s, layer)
+        # head: ping-pong between za and zb, the last layer writes y[s]
+        cur = h[s, n_layers - 1]
+        for m in range(nh):
+            base = 5 + n_layers + 5 * m
+            fin = meta[base]
+            fout = meta[base + 1]
+            act = meta[base + 2]
+            wo = meta[base + 3]
+            bo = meta[base + 4]
+            if m == nh - 1:
+                dst = y[s]
+            elif m % 2 == 0:
+                dst = za[:fout]
+            else:
+                dst = zb[:fout]
+            _gates_axpy(cur, params[wo:wo + fin * fout].reshape((fin, fout)), params[bo:bo + fout], dst)
+            _act_inplace(dst, act)
+            cur = dst
+
+
+@njit(**_JIT)
+def _cell_batch(gates, b, h, c, layer, nxt):  # pragma: no cover - compiled
+    """Bias + activations + cell update for all streams of one layer (after the BLAS matmul).
+
+    Writes the new h into ``h[:, layer]`` and into ``nxt[:, :H]`` (the next layer's input, or
+    the head's input after the last layer)."""
+    n = gates.shape[0]
+    hid = h.shape[2]
+    for s in range(n):
+        for j in range(hid):
+            ig = _sigmoid(gates[s, j] + b[layer, j])
+            fg = _sigmoid(gates[s, hid + j] + b[layer, hid + j])
+            gg = _tanh(gates[s, 2 * hid + j] + b[layer, 2 * hid + j])
+            og = _sigmoid(gates[s, 3 * hid + j] + b[layer, 3 * hid + j])
+            cn = fg * c[s, layer, j] + ig * gg
+            hn = og * _tanh(cn)
+            c[s, layer, j] = cn
+            h[s, layer, j] = hn
+            nxt[s, j] = hn
+
+
+@njit(**_JIT)
+def _copy_hidden(h, layer, z, col):  # pragma: no cover - compiled
+    """z[:, col:col+H] = h[:, layer, :] (the recurrent half of the layer's matmul input)."""
+    for s in range(h.shape[0]):
+        for j in range(h.shape[2]):
+            z[s, col + j] = h[s, layer, j]
+
+
+@njit(**_JIT)
+def _copy_input(x, z):  # pragma: no cover - compiled
+    for s in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            z[s, j] = x[s, j]
+
+
+@njit(**_JIT)
+def _bias_act(v, bias, act):  # pragma: no cover - compiled
+    for s in range(v.shape[0]):
+        row = v[s]
+        for j in range(row.shape[0]):
+            row[j] += bias[j]
+        _act_inplace(row, act)
+
+
+@dataclass
+class Packed:
+    """Weights in kernel layout (see the module docstring). Built once by :func:`pack`.
+
+    ``params`` holds everything in one flat float32 array: per layer W (K, 4H), then the summed
+    biases (L, 4H), then per head layer Wt (in, out) and b (out,). ``meta`` (int64) says where:
+    [input_size, hidden_size, num_layers, head layers, bias offset, W offset per layer...,
+    then per head layer: in, out, activation code, weight offset, bias offset].
+    The other fields are views into ``params`` for the batch path."""
+
+    input_size: int
+    hidden_size: int
+    num_layers: int
+    output_size: int
+    params: np.ndarray
+    meta: np.ndarray
+    layers: list[np.ndarray]  # per layer W (K, 4H)
+    b: np.ndarray  # (L, 4H) = bias_ih + bias_hh
+    head_w: list[np.ndarray]  # per head layer (in, out)
+    head_b: list[np.ndarray]
+    head_act: list[int]
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def scratch(self) -> np.ndarray:
+        """Per-stream scratch for the small-n kernel, one per thread: gates (4H), [input, h]
+        (max(I, H) + H), two head buffers (widest head layer each)."""
+        sc = getattr(self._local, "scratch", None)
+        if sc is None:
+            width = max(w.shape[1] for w in self.head_w)
+            hid = self.hidden_size
+            sc = self._local.scratch = np.zeros(4 * hid + max(self.input_size, hid) + hid + 2 * width, np.float32)
+        return sc
+
+    def workspace(self, n: int) -> dict:
+        """Scratch buffers for n streams, cached per thread (a step never allocates them twice)."""
+        cache = getattr(self._local, "cache", None)
+        if cache is None:
+            cache = self._local.cache = {}
+        ws = cache.get(n)
+        if ws is None:
+            if len(cache) >= 8:  # batch sizes vary; keep the memory bounded
+                cache.pop(next(iter(cache)))
+            hid, f32 = self.hidden_size, np.float32
+            ws = {"z": [np.zeros((n, lw.shape[0]), f32) for lw in self.layers],
+                  "gates": np.empty((n, 4 * hid), f32),
+                  "last": np.empty((n, hid), f32),
+                  "head": [np.empty((n, w.shape[1]), f32) for w in self.head_w[:-1]]}
+            cache[n] = ws
+        return ws
+
+
+def pack(lstm: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+         head: list[tuple[np.ndarray, np.ndarray, str | None]]) -> Packed:
+    """Pack PyTorch-layout weights: lstm = [(w_ih, w_hh, b_ih, b_hh), ...] per layer,
+    head = [(weight (out, in), bias (out,), activation), ...]."""
+    f32 = np.float32
+    hid = lstm[0][1].shape[1]
+    n_in = lstm[0][0].shape[1]
+    n_layers = len(lstm)
+    parts: list[np.ndarray] = []
+    offset = 0
+
+    def add(arr: np.ndarray) -> int:
+        nonlocal offset
+        start = offset
+        parts.append(np.ascontiguousarray(arr, dtype=f32).ravel())
+        offset += arr.size
+        return start
+
+    w_offsets = [add(np.concatenate([w_ih, w_hh], axis=1).T) for w_ih, w_hh, _, _ in lstm]
+    # torch adds the two biases in float32 too; summing them once here saves a pass per step
+    off_b = add(np.stack([b_ih.astype(f32) + b_hh.astype(f32) for _, _, b_ih, b_hh in lstm]))
+    head_meta = []
+    for weight, bias, act in head:
+        wo = add(np.asarray(weight).T)
+        bo = add(np.asarray(bias))
+        head_meta.append((weight.shape[1], weight.shape[0], ACT_CODES[act], wo, bo))
+    params = np.concatenate(parts)
+    meta = np.array([n_in, hid, n_layers, len(head), off_b, *w_offsets,
+                     *[v for row in head_meta for v in row]], dtype=np.int64)
+    layers = [params[o:o + ((n_in if l == 0 else hid) + hid) * 4 * hid].reshape(-1, 4 * hid)
+              for l, o in enumerate(w_offsets)]
+    return Packed(input_size=n_in, hidden_size=hid, num_layers=n_layers, output_size=head_meta[-1][1],
+                  params=params, meta=meta, layers=layers,
+                  b=params[off_b:off_b + n_layers * 4 * hid].reshape(n_layers, 4 * hid),
+                  head_w=[params[wo:wo + fi * fo].reshape(fi, fo) for fi, fo, _, wo, _ in head_meta],
+                  head_b=[params[bo:bo + fo] for _, fo, _, _, bo in head_meta],
+                  head_act=[act for _, _, act, _, _ in head_meta])
+
+
+def _check(name: str, arr: object, shape: tuple[int, ...]) -> None:
+    if (not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != shape
+            or not arr.flags.c_contiguous):
+        if isinstance(arr, np.ndarray):
+            got = f"{arr.dtype} {arr.shape}{'' if arr.flags.c_contiguous else ' not C-contiguous'}"
+        else:
+            got = type(arr).__name__
+        raise ValueError(f"{name}: expected a C-contiguous float32 array of shape {shape}, got {got}")
+
+
+def lstm_step(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """One step for n streams: h, c (n, L, H) advance in place; returns y (n, F) float32."""
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise ValueError(f"x: expected a float32 array of shape (n, {p.input_size}), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    n = x.shape[0]
+    _check("x", x, (n, p.input_size))
+    state_shape = (n, p.num_layers, p.hidden_size)
+    _check("h", h, state_shape)
+    _check("c", c, state_shape)
+    if np.may_share_memory(h, c):
+        raise ValueError("h, c: expected two separate arrays, got overlapping memory")
+    y = np.empty((n, p.output_size), np.float32)
+    if n <= SMALL_N:
+        if n:
+            _step_small(x, h, c, y, p.params, p.meta, p.scratch())
+        return y
+    _step_batch(p, x, h, c, y)
+    return y
+
+
+def _step_batch(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray, y: np.ndarray) -> None:
+    ws = p.workspace(x.shape[0])
+    zs, gates = ws["z"], ws["gates"]
+    _copy_input(x, zs[0])
+    for layer, w in enumerate(p.layers):
+        k_in = p.input_size if layer == 0 else p.hidden_size
+        _copy_hidden(h, layer, zs[layer], k_in)
+        np.matmul(zs[layer], w, out=gates)
+        nxt = zs[layer + 1] if layer + 1 < p.num_layers else ws["last"]
+        _cell_batch(gates, p.b, h, c, layer, nxt)
+    cur = ws["last"]
+    for m, (w, bias, act) in enumerate(zip(p.head_w, p.head_b, p.head_act)):
+        dst = y if m == len(p.head_w) - 1 else ws["head"][m]
+        np.matmul(cur, w, out=dst)
+        _bias_act(dst, bias, act)
+        cur = dst

@@ -1,0 +1,595 @@
+"""Per-stream state in Redis: batched load and fenced save, one round trip each.
+
+:class:`StateStore` reads the states of n streams with one pipelined request (an ``HMGET`` of
+every field per stream, fixed order) and writes them back with one pipelined request: a Lua
+script (``state/fence.lua``, loaded once with ``SCRIPT LOAD``, run with ``EVALSHA``) per
+stream key, which writes the state together with its position only if that position is newer
+than the stored one. One key per script call, so the layout stays Redis Cluster friendly;
+the index (a sorted set of stream ids by last update) is updated by a separate command in the
+same request, not inside the script.
+
+Requests are framed by hand (RESP, numpy for the fixed-size parts) and sent on a pooled
+redis-py connection, because redis-py's per-command machinery would cost more client CPU than
+the whole save. Connection errors are retried with exponential backoff: a save is idempotent
+(the fence refuses what is already there, and recognises its own write after a lost reply).
+
+Example (needs a running Redis, so not run as a doctest)::
+
+    store = await StateStore.connect("redis://localhost:6379/0", model_version=model.version,
+                                     num_layers=2, hidden_size=64, input_size=1)
+    loaded = await store.load(["pump-1", "pump-2"])     # loaded.states: StreamStates
+    engine.advance(loaded.states, x)
+    applied = await store.save(["pump-1", "pump-2"], loaded.states, partitions, offsets,
+                               indexes, ts, event_ids)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import hiredis
+import numpy as np
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from kernels.engine import StreamStates
+from state import codec
+from state.errors import StateError
+
+FENCE_LUA = (Path(__file__).resolve().parent / "fence.lua").read_text()
+APPLIED, STALE, DUPLICATE = 1, 0, 2
+_MORE = object()  # hiredis: not enough data yet
+NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+
+
+NUM_WIDTH = 56  # ARGV[2]: int64 partition, offset, index, steps, episode; float64 ts, updated_at
+_EMPTY = _bulk(b"")
+
+
+def _event_frames(event_ids: Sequence[str | None] | None, n: int) -> list[bytes]:
+    if event_ids is None:
+        return [_EMPTY] * n
+    if len(event_ids) != n:
+        raise StateError(f"save: event_ids: expected {n}, got {len(event_ids)}")
+    return [_bulk(e.encode()) if e else _EMPTY for e in event_ids]
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages).
+
+    >>> safe_url("redis://:secret@db:6379/0")
+    'redis://:***@db:6379/0'
+    >>> safe_url("redis://localhost:6379/0")
+    'redis://localhost:6379/0'
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
+
+
+async def _read_replies(stream: asyncio.StreamReader, n: int) -> list[Any]:
+    """Parse ``n`` RESP replies straight from the socket with one hiredis reader.
+
+    redis-py's ``read_response`` costs several microseconds per reply (timeouts, checks, error
+    mapping); a batch of 256 streams has 257 replies, so it would dominate the client's CPU.
+    """
+    reader = hiredis.Reader(replyError=ResponseError, notEnoughData=_MORE)
+    out: list[Any] = []
+    gets, feed, append = reader.gets, reader.feed, out.append
+    while len(out) < n:
+        r = gets()
+        if r is _MORE:
+            data = await stream.read(1 << 16)
+            if not data:
+                raise RedisConnectionError("Redis closed the connection")
+            feed(data)
+        else:
+            append(r)
+    if reader.has_data():
+        raise RedisConnectionError("Redis sent more replies than requests")
+    return out
+
+
+async def _read_one(conn: Any) -> Any:
+    try:
+        return await conn.read_response(timeout=math.inf)
+    except ResponseError as exc:
+        if isinstance(exc, AuthenticationError):
+            raise
+        return exc
+
+
+@dataclass
+class Loaded:
+    """What :meth:`StateStore.load` found for n streams (row i is ``ids[i]``)."""
+
+    states: StreamStates  # the stored states; fresh ones where ``fresh`` is True
+    partition: np.ndarray  # int64: position of the last applied event; -1 where no hash exists
+    offset: np.ndarray  # int64; -1 where no hash exists
+    index: np.ndarray  # int64; -1 where no hash exists
+    ts: np.ndarray  # float64: event time of the last applied event; NaN where no hash exists
+    event_id: list[str | None]  # last applied event_id (None: none stored)
+    found: np.ndarray  # bool: a state hash exists (of any model version)
+    reset: np.ndarray  # bool: it belonged to another model version and was replaced by a fresh state
+
+    @property
+    def fresh(self) -> np.ndarray:
+        """bool: the stream starts from a fresh state (no hash, or reset)."""
+        return ~self.found | self.reset
+
+
+class StateStore:
+    """Async store of per-stream state in one Redis. Build it with :meth:`connect`."""
+
+    def __init__(self, client: aioredis.Redis, url: str, *, model_version: str | None, num_layers: int | None,
+                 hidden_size: int | None, input_size: int | None, anomaly_size: int | None, ttl: float,
+                 policy: str, clock: Callable[[], float], prefix: str, retries: int, timeout: float,
+                 index_cap: int) -> None:
+        if policy not in ("reset", "refuse"):
+            raise StateError(f"model policy: expected 'reset' or 'refuse', got {policy!r}")
+        if ttl < 0:
+            raise StateError(f"state TTL: expected seconds >= 0, got {ttl}")
+        self.client = client
+        self.url = safe_url(url)
+        self.model_version = model_version
+        self.num_layers, self.hidden_size, self.input_size = num_layers, hidden_size, input_size
+        self.anomaly_size = anomaly_size
+        self.ttl, self.policy, self.clock, self.prefix = float(ttl), policy, clock, prefix
+        self.retries, self.timeout, self.index_cap = retries, timeout, index_cap
+        self.index = codec.index_key(prefix)
+        self._index_b = self.index.encode()
+        self._sha = ""
+        self._next_trim = -math.inf
+        # Counters for /metrics.
+        self.loads = 0  # streams loaded
+        self.resets = 0  # states of another model version replaced by fresh ones (policy reset)
+        self.applied = 0  # streams whose save was applied
+        self.stale = 0  # saves refused: position not newer than the stored one
+        self.duplicates = 0  # saves refused: event_id equal to the stored one
+        self.retried = 0  # round trips repeated after a connection error
+        self._build_templates()
+
+    # ----------------------------------------------------------------- setup
+
+    @classmethod
+    async def connect(cls, url: str, *, model_version: str | None = None, num_layers: int | None = None,
+                      hidden_size: int | None = None, input_size: int | None = None,
+                      anomaly_size: int | None = None, ttl: float = 0.0, policy: str = "reset",
+                      clock: Callable[[], float] = time.time, prefix: str = codec.PREFIX, retries: int = 20,
+                      timeout: float = 10.0, index_cap: int = 1_000_000) -> StateStore:
+        """Connect, check the server answers, load the fence script.
+
+        ``model_version`` and the sizes are needed by :meth:`load` / :meth:`save` only; the
+        inspection calls (:meth:`get`, :meth:`list`, :meth:`reset`) work without them.
+        ``ttl`` (seconds, 0 = forever) expires idle streams; ``policy`` says what :meth:`load`
+        does with a state of another model version; ``retries`` bounds reconnect attempts
+        (exponential backoff, at most 1 s apart); ``index_cap`` bounds the index's size.
+        """
+        try:
+            client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                       retry=Retry(NoBackoff(), 0), protocol=2)
+        except ValueError as exc:
+            raise StateError(f"redis url {safe_url(url)!r}: {exc}") from None
+        store = cls(client, url, model_version=model_version, num_layers=num_layers, hidden_size=hidden_size,
+                    input_size=input_size, anomaly_size=anomaly_size, ttl=ttl, policy=policy, clock=clock,
+                    prefix=prefix, retries=retries, timeout=timeout, index_cap=index_cap)
+        try:
+            await store._with_retry(store._load_script)
+        except BaseException:
+            await client.aclose()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def __aenter__(self) -> StateStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _load_script(self) -> None:
+        self._sha = await self.client.script_load(FENCE_LUA)
+        # 13 = EVALSHA, sha, numkeys, key and 9 ARGV (see fence.lua).
+        self._save_head = b"*13\r\n" + _bulk(b"EVALSHA") + _bulk(self._sha.encode()) + _bulk(b"1")
+
+    def _build_templates(self) -> None:
+        self._key_frames: dict[str, bytes] = {}
+        self._id_frames: dict[str, bytes] = {}
+        self._load_tail = b"".join(_bulk(f.encode()) for f in codec.FIELDS)
+        self._load_head = b"*%d\r\n" % (2 + len(codec.FIELDS)) + _bulk(b"HMGET")
+        self._model_b = (self.model_version or "").encode()
+        dims = (self.num_layers, self.hidden_size, self.input_size)
+        if any(d is None for d in dims):
+            self._blob_sizes = None
+            return
+        L, H, F = dims  # type: ignore[misc]
+        D = self.anomaly_size if self.anomaly_size is not None else self._fresh(1).anomaly.shape[1]
+        self.anomaly_size = D
+        # One fixed-width row per stream holds ARGV[2..9], each framed: the numbers (binary,
+        # the script writes them as decimal strings), model, TTL and the raw arrays.
+        self._blob_sizes = [4 * L * H, 4 * L * H, 4 * F, 8 * (1 + 2 * F), 8 * D]
+        row = bytearray(b"$%d\r\n" % NUM_WIDTH)
+        self._num_col = len(row)
+        row += bytes(NUM_WIDTH) + b"\r\n" + _bulk(self._model_b) + _bulk(b"%d" % round(self.ttl * 1000))
+        self._blob_cols = []
+        for size in self._blob_sizes:
+            row += b"$%d\r\n" % size
+            self._blob_cols.append((len(row), len(row) + size))
+            row += bytes(size) + b"\r\n"
+        self._row_template = np.frombuffer(bytes(row), np.uint8)
+
+    def _frames(self, ids: Sequence[str]) -> list[bytes]:
+        """Framed keys ``$len\\r\\nlstream:state:{id}\\r\\n`` (cached per id)."""
+        cache = self._key_frames
+        out = [cache.get(s) for s in ids]
+        if None in out:
+            if len(cache) > 500_000:  # bound memory with many short-lived streams
+                cache.clear()
+                self._id_frames.clear()
+            for j, s in enumerate(ids):
+                if out[j] is None:
+                    sid = s.encode()
+                    cache[s] = out[j] = _bulk(codec.state_key(s, self.prefix).encode())
+                    self._id_frames[s] = _bulk(sid)
+        return out  # type: ignore[return-value]
+
+    def _fresh(self, n: int) -> StreamStates:
+        st = StreamStates.zeros(n, self.num_layers or 1, self.hidden_size or 1, self.input_size or 1)
+        if self.anomaly_size is not None and st.anomaly.shape[1] != self.anomaly_size:
+            st.anomaly = np.zeros((n, self.anomaly_size))
+        return st
+
+    def _need_model(self) -> None:
+        if self._blob_sizes is None or not self.model_version:
+            raise StateError("state store: load/save need model_version, num_layers, hidden_size and input_size")
+
+    def counters(self) -> dict[str, int]:
+        """Counters for the worker's /metrics."""
+        return {"loads": self.loads, "resets": self.resets, "applied": self.applied, "stale": self.stale,
+                "duplicates": self.duplicates, "retried": self.retried}
+
+    # ----------------------------------------------------------- round trips
+
+    async def _with_retry(self, op: Callable[[], Any]) -> Any:
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                return await op()
+            except AuthenticationError as exc:
+                raise StateError(f"Redis at {self.url} refused the credentials: {exc}") from None
+            except NETWORK_ERRORS as exc:
+                if attempt == self.retries:
+                    raise StateError(f"Redis at {self.url} is unreachable: {exc}") from None
+                self.retried += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ResponseError as exc:
+                if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                    raise StateError(f"Redis at {self.url} refused the credentials: {exc}") from None
+                raise
+        raise AssertionError("unreachable")
+
+    async def _roundtrip(self, payload: bytes, nreplies: int) -> list[Any]:
+        """Send a pre-framed request, read ``nreplies`` replies (error replies come back as
+        :class:`ResponseError` objects, in place)."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await conn.send_packed_command(payload, check_health=False)
+                stream = getattr(conn, "_reader", None)
+                if isinstance(stream, asyncio.StreamReader) and not conn._parser._reader.has_data():
+                    replies = await _read_replies(stream, nreplies)
+                else:  # redis-py internals changed: the slower public path
+                    replies = [await _read_one(conn) for _ in range(nreplies)]
+            for r in replies:
+                if isinstance(r, ResponseError) and str(r).startswith(("NOAUTH", "WRONGPASS")):
+                    raise AuthenticationError(str(r))
+            return replies
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
+    # ------------------------------------------------------------------ load
+
+    async def load(self, ids: Sequence[str]) -> Loaded:
+        """The states of ``ids`` (one round trip). Streams without a hash start fresh."""
+        self._need_model()
+        n = len(ids)
+        st = self._fresh(n)
+        found = np.zeros(n, bool)
+        reset = np.zeros(n, bool)
+        part = np.full(n, -1, np.int64)
+        off = np.full(n, -1, np.int64)
+        idx = np.full(n, -1, np.int64)
+        ts = np.full(n, np.nan)
+        event_ids: list[str | None] = [None] * n
+        if n == 0:
+            return Loaded(st, part, off, idx, ts, event_ids, found, reset)
+        sep = self._load_tail + self._load_head
+        payload = self._load_head + sep.join(self._frames(ids)) + self._load_tail
+        rows = await self._with_retry(lambda: self._roundtrip(payload, n))
+        for r in rows:
+            if isinstance(r, Exception):
+                raise StateError(f"Redis at {self.url}: {r}")
+        cols = list(zip(*rows))  # one tuple per field, codec.FIELDS order
+        model_col = cols[3]
+        model_b = self._model_b
+        ok = [i for i, m in enumerate(model_col) if m == model_b]
+        there = [i for i, r in enumerate(rows) if any(v is not None for v in r)] if len(ok) < n else ok
+        found[there] = True
+        other = [i for i in there if model_col[i] != model_b]
+        if other:
+            if self.policy == "refuse":
+                i = other[0]
+                got = model_col[i].decode() if model_col[i] is not None else "none"
+                raise StateError(f"stream {ids[i]!r}: stored state belongs to model {got}, the loaded model is "
+                                 f"{self.model_version} (policy refuse; {len(other)} stream(s) affected; "
+                                 f"'lstream state reset' or policy reset starts them fresh)")
+            reset[other] = True
+            self.resets += len(other)
+        if there:
+            self._positions(cols, there, part, off, idx, ts, event_ids)
+        if ok:
+            self._fill(st, cols, ok, ids)
+        self.loads += n
+        return Loaded(st, part, off, idx, ts, event_ids, found, reset)
+
+    @staticmethod
+    def _ints(col: Sequence[bytes | None], rows: list[int], default: int) -> np.ndarray:
+        return np.array([default if col[i] is None else int(col[i]) for i in rows], np.int64)  # type: ignore[arg-type]
+
+    def _positions(self, cols: list[tuple[Any, ...]], rows: list[int], part: np.ndarray, off: np.ndarray,
+                   idx: np.ndarray, ts: np.ndarray, event_ids: list[str | None]) -> None:
+        try:
+            part[rows] = self._ints(cols[5], rows, -1)
+            off[rows] = self._ints(cols[6], rows, -1)
+            idx[rows] = self._ints(cols[7], rows, 0)
+            ts[rows] = [math.nan if cols[8][i] is None else float(cols[8][i]) for i in rows]
+        except ValueError as exc:
+            raise StateError(f"state hash: expected decimal numbers in partition/offset/index/ts: {exc}") from None
+        for i in rows:
+            e = cols[9][i]
+            if e:
+                event_ids[i] = e.decode()
+
+    def _fill(self, st: StreamStates, cols: list[tuple[Any, ...]], ok: list[int], ids: Sequence[str]) -> None:
+        all_rows = len(ok) == len(st)
+        target: Any = slice(None) if all_rows else np.asarray(ok)
+        for field, col in (("h", 0), ("c", 1), ("pred", 2), ("norm", 10), ("anomaly", 11)):
+            dest = getattr(st, field)
+            shape = dest.shape[1:]
+            width = int(np.prod(shape)) * dest.itemsize
+            vals = cols[col] if all_rows else [cols[col][i] for i in ok]
+            if None not in vals:
+                blob = b"".join(vals)
+                if len(blob) == width * len(vals):
+                    dest[target] = np.frombuffer(blob, dest.dtype.newbyteorder("<")).reshape((len(vals), *shape))
+                    continue
+            for j, v in zip(ok, vals):  # slow path: a missing field keeps the fresh value, a bad one is an error
+                if v is None:
+                    continue
+                if len(v) != width:
+                    raise StateError(f"stream {ids[j]!r}: field {field}: expected {width} bytes (shape {shape}), "
+                                     f"got {len(v)}")
+                dest[j] = np.frombuffer(v, dest.dtype.newbyteorder("<")).reshape(shape)
+        try:
+            st.steps[target] = self._ints(cols[4], ok, 0)
+            st.episode[target] = self._ints(cols[12], ok, -1)
+        except ValueError as exc:
+            raise StateError(f"state hash: expected decimal numbers in steps/episode: {exc}") from None
+
+    # ------------------------------------------------------------------ save
+
+    async def save(self, ids: Sequence[str], states: StreamStates, partitions: Any, offsets: Any, indexes: Any,
+                   ts: Any, event_ids: Sequence[str | None] | None = None) -> np.ndarray:
+        """Write the states of ``ids`` with their positions (one round trip); returns a bool mask
+        of the streams whose save applied. Row i of ``states`` belongs to ``ids[i]``.
+
+        A save applies only if its position (partition, offset, index) is newer than the stored
+        one (same partition: a larger (offset, index); another partition: an event time ``ts``
+        not older than the stored one) and its ``event_id``, if any, differs from the stored one.
+        """
+        self._need_model()
+        n = len(ids)
+        if len(states) != n:
+            raise StateError(f"save: expected {n} states for {n} streams, got {len(states)}")
+        if n == 0:
+            return np.zeros(0, bool)
+        now = float(self.clock())
+        rows = self._save_rows(n, states, partitions, offsets, indexes, ts, now)
+        eframes = _event_frames(event_ids, n)
+        frames = self._frames(ids)
+        todo = list(range(n))
+        result = np.zeros(n, np.int64)
+        for _ in range(3):
+            payload, extra = self._save_payload(todo, frames, eframes, rows, ids, now)
+            replies = await self._with_retry(lambda: self._roundtrip(payload, len(todo) + extra))
+            missing = []
+            for j, r in zip(todo, replies):
+                if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
+                    missing.append(j)
+                elif isinstance(r, Exception):
+                    raise StateError(f"Redis at {self.url}: saving stream {ids[j]!r}: {r}")
+                else:
+                    result[j] = r
+            for r in replies[len(todo):]:
+                if isinstance(r, Exception):
+                    raise StateError(f"Redis at {self.url}: updating the index: {r}")
+            if not missing:
+                break
+            # The server restarted or flushed its scripts. The sha is the SHA1 of the text, so
+            # the framed requests stay valid; run the missing ones again (they did not run).
+            await self._with_retry(self._load_script)
+            todo = missing
+        else:
+            raise StateError(f"Redis at {self.url}: the fence script keeps disappearing (SCRIPT FLUSH?)")
+        applied = result == APPLIED
+        self.applied += int(applied.sum())
+        self.stale += int((result == STALE).sum())
+        self.duplicates += int((result == DUPLICATE).sum())
+        return applied
+
+    def _save_rows(self, n: int, states: StreamStates, partitions: Any, offsets: Any, indexes: Any, ts: Any,
+                   now: float) -> memoryview:
+        """ARGV[2..9] of every stream, framed: n rows of equal width, built with numpy."""
+        ints = np.empty((n, 5), np.int64)
+        for col, (name, a) in enumerate((("partitions", partitions), ("offsets", offsets), ("indexes", indexes),
+                                         ("steps", states.steps), ("episode", states.episode))):
+            arr = np.asarray(a)
+            if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
+                raise StateError(f"save: {name}: expected {n} integers, got shape {arr.shape} of {arr.dtype}")
+            ints[:, col] = arr
+        ts_arr = np.asarray(ts, dtype=np.float64)
+        if ts_arr.shape != (n,) or not np.isfinite(ts_arr).all():
+            raise StateError(f"save: ts: expected {n} finite event times, got {ts_arr!r}")
+        nums = np.empty((n, 7), "<i8")
+        nums[:, :5] = ints
+        nums.view("<f8")[:, 5] = ts_arr
+        nums.view("<f8")[:, 6] = now
+        buf = np.empty((n, self._row_template.size), np.uint8)
+        buf[:] = self._row_template
+        buf[:, self._num_col:self._num_col + NUM_WIDTH] = nums.view(np.uint8)
+        arrays = (states.h, states.c, states.pred, states.norm, states.anomaly)
+        dtypes = (codec.F32, codec.F32, codec.F32, codec.F64, codec.F64)
+        for (a, b), arr, dt, size in zip(self._blob_cols, arrays, dtypes, self._blob_sizes):
+            flat = np.ascontiguousarray(arr, dtype=dt).reshape(n, -1).view(np.uint8)
+            if flat.shape[1] != size:
+                raise StateError(f"save: state arrays: expected {size} bytes per stream, got {flat.shape[1]} "
+                                 f"(shape {arr.shape})")
+            buf[:, a:b] = flat
+        return memoryview(buf).cast("B")
+
+    def _save_payload(self, todo: list[int], frames: list[bytes], eframes: list[bytes], rows: memoryview,
+                      ids: Sequence[str], now: float) -> tuple[bytes, int]:
+        width = self._row_template.size
+        m = len(todo)
+        parts: list[Any] = [self._save_head] * (4 * m)
+        if m == len(frames):
+            parts[1::4] = frames
+            parts[2::4] = eframes
+            parts[3::4] = [rows[i:i + width] for i in range(0, m * width, width)]
+        else:
+            parts[1::4] = [frames[j] for j in todo]
+            parts[2::4] = [eframes[j] for j in todo]
+            parts[3::4] = [rows[j * width:(j + 1) * width] for j in todo]
+        tail, extra = self._index_commands([ids[j] for j in todo] if m < len(frames) else ids, now)
+        parts.append(tail)
+        return b"".join(parts), extra
+
+    def _index_commands(self, ids: Sequence[str], now: float) -> tuple[bytes, int]:
+        """ZADD of the saved ids (score ``now``), plus, at most once a second, the index trims."""
+        members: list[bytes] = [_bulk(codec.encode_float(now))] * (2 * len(ids))
+        id_frames = self._id_frames
+        members[1::2] = [id_frames[s] for s in ids]
+        cmds = [b"*%d\r\n" % (2 + 2 * len(ids)) + _bulk(b"ZADD") + _bulk(self._index_b) + b"".join(members)]
+        if now >= self._next_trim:
+            self._next_trim = now + 1.0
+            if self.ttl > 0:
+                cmds.append(_command(b"ZREMRANGEBYSCORE", self._index_b, b"-inf",
+                                     b"(" + codec.encode_float(now - self.ttl)))
+            cmds.append(_command(b"ZREMRANGEBYRANK", self._index_b, b"0", b"%d" % -(self.index_cap + 1)))
+        return b"".join(cmds), len(cmds)
+
+    # ------------------------------------------------------------ inspection
+
+    async def get(self, stream_id: str) -> dict[str, Any]:
+        """The full decoded record of one stream (raises :class:`StateError` if there is none)."""
+        key = codec.state_key(stream_id, self.prefix)
+
+        async def op() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hgetall(key)
+                pipe.pttl(key)
+                return await pipe.execute()
+
+        raw, pttl = await self._with_retry(op)
+        if not raw:
+            raise StateError(f"no state for stream {stream_id!r} (key {key}) in Redis at {self.url}")
+        rec = codec.decode_record(raw, num_layers=self.num_layers, hidden_size=self.hidden_size,
+                                  stream_id=stream_id)
+        rec["stream_id"] = stream_id
+        rec["key"] = key
+        rec["ttl"] = pttl / 1000.0 if pttl is not None and pttl >= 0 else None
+        return rec
+
+    async def list(self, pattern: str = "*", limit: int = 50) -> list[dict[str, Any]]:
+        """Streams whose id matches ``pattern`` (glob), most recently updated first, from the index.
+
+        Index entries whose hash has gone (expired or deleted) are removed on the way.
+        """
+        out: list[dict[str, Any]] = []
+        start, chunk = 0, max(100, 2 * limit)
+        summary = ("model", "steps", "partition", "offset", "index", "ts", "updated_at", "event_id")
+        while len(out) < limit:
+            entries = await self._with_retry(
+                lambda: self.client.zrevrange(self.index, start, start + chunk - 1, withscores=True))
+            if not entries:
+                break
+            start += chunk
+            ids = [m.decode() for m, _ in entries]
+            ids = [s for s in ids if fnmatch.fnmatchcase(s, pattern)]
+            if not ids:
+                continue
+
+            async def op(ids: list[str] = ids) -> list[Any]:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for s in ids:
+                        pipe.hmget(codec.state_key(s, self.prefix), summary)
+                    return await pipe.execute()
+
+            rows = await self._with_retry(op)
+            gone = []
+            for s, row in zip(ids, rows):
+                if all(v is None for v in row):
+                    gone.append(s)
+                    continue
+                rec = codec.decode_record(dict(zip(summary, row)), stream_id=s)
+                rec = {k: rec[k] for k in summary}
+                rec["stream_id"] = s
+                out.append(rec)
+            if gone:
+                await self._with_retry(lambda: self.client.zrem(self.index, *gone))
+                start -= len(gone)
+        return out[:limit]
+
+    async def reset(self, stream_id: str) -> bool:
+        """Delete a stream's state and its index entry; False if there was no state."""
+        key = codec.state_key(stream_id, self.prefix)
+
+        async def op() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.delete(key)
+                pipe.zrem(self.index, stream_id)
+                return await pipe.execute()
+
+        deleted, _ = await self._with_retry(op)
+        return bool(deleted)

@@ -1,0 +1,55 @@
+"""Helpers for the worker tests: a small model artifact, event JSON, an offline reference run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from kernels.artifact import write_artifact
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int = 2, features: int = 1,
+                seed: int = 0, warmup: int = 10, calm_steps: int = 5, threshold: float = 0.999) -> str:
+    """Write a random-weights artifact (numpy only) with stream normalisation; return its dir."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for layer in range(layers):
+        fan_in = features if layer == 0 else hidden
+        arrays[f"lstm.weight_ih_l{layer}"] = rng.normal(0, 0.4, (4 * hidden, fan_in))
+        arrays[f"lstm.weight_hh_l{layer}"] = rng.normal(0, 0.4, (4 * hidden, hidden))
+        arrays[f"lstm.bias_ih_l{layer}"] = rng.normal(0, 0.1, 4 * hidden)
+        arrays[f"lstm.bias_hh_l{layer}"] = rng.normal(0, 0.1, 4 * hidden)
+    arrays["head.0.weight"] = rng.normal(0, 0.3, (hidden, hidden))
+    arrays["head.0.bias"] = np.zeros(hidden)
+    arrays["head.1.weight"] = rng.normal(0, 0.3, (features, hidden))
+    arrays["head.1.bias"] = np.zeros(features)
+    meta = {"input_size": features, "hidden_size": hidden, "num_layers": layers, "output_size": features,
+            "head": [{"in": hidden, "out": hidden, "activation": "tanh"},
+                     {"in": hidden, "out": features, "activation": None}],
+            "features": [f"f{j}" for j in range(features)], "norm": {"mode": "stream"},
+            "detector": {"threshold": threshold, "calm_steps": calm_steps, "warmup": warmup, "window": 200}}
+    write_artifact(out_dir, meta, arrays)
+    return os.fspath(out_dir)
+
+
+def event(stream_id: str, ts: float, values: Any, **extra: Any) -> bytes:
+    return orjson.dumps({"stream_id": stream_id, "ts": float(ts), "values": [float(v) for v in values], **extra})
+
+
+def series_data(n_streams: int, n_steps: int, seed: int = 0, features: int = 1) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(stream_id, ts (T,), values (T, F)) per stream: seasonal, noisy, different scales."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_streams):
+        t = np.arange(n_steps, dtype=np.float64)
+        scale, offset = 10 ** rng.uniform(-1, 3), rng.uniform(-100, 100)
+        base = np.sin(2 * np.pi * t[:, None] / rng.uniform(20, 60) + rng.uniform(0, 6, features))
+        vals = offset + scale * (base + 0.1 * rng.normal(size=(n_steps, features)))
+        out.append((f"s-{i:03d}", 1_700_000_000.0 + 60.0 * t, vals))
+    return out

@@ -1,0 +1,152 @@
+"""A synthetic multi-sensor generator (numpy only): seasonal patterns, noise, drift, anomalies.
+
+Each stream mixes, with its own random recipe: one to three seasonal cycles (sine, peaked,
+square on/off or sawtooth shapes, periods of 12 to 400 steps), a linear drift, a random walk,
+AR(1) or white noise with its own level, occasional natural level changes, and a scale and
+offset of its own (from about 0.1 to about 10^4). Injected anomalies (``anomaly_rate`` > 0)
+are spikes, level shifts, flat-lines and noise bursts; ``labels`` marks their readings.
+Stream i depends only on ``(seed, i)``, so more streams never change the first ones.
+
+>>> streams = generate(3, 500, seed=1, num_features=2, anomaly_rate=0.01)
+>>> [s.stream_id for s in streams], streams[0].values.shape, streams[0].ts[:2].tolist()
+(['sensor-000', 'sensor-001', 'sensor-002'], (500, 2), [1700000000.0, 1700000060.0])
+>>> bool(np.isfinite(streams[2].values).all()), bool(any(s.labels.any() for s in streams))
+(True, True)
+>>> np.array_equal(generate(1, 500, seed=1, num_features=2, anomaly_rate=0.01)[0].values, streams[0].values)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SyntheticStream:
+    stream_id: str
+    ts: np.ndarray  # float64 (T,) epoch seconds
+    values: np.ndarray  # float64 (T, F)
+    labels: np.ndarray  # bool (T,): True on injected anomalies
+
+
+def _shape(rng: np.random.Generator, phase: np.ndarray) -> np.ndarray:
+    """One seasonal cycle, ``phase`` in cycles; amplitude about 1."""
+    kind = rng.choice(["sine", "sine", "peak", "square", "saw", "harmonic"])
+    angle = 2 * np.pi * phase
+    if kind == "sine":
+        return np.sin(angle)
+    if kind == "peak":  # a sharp daily peak, e.g. traffic
+        return np.exp(rng.uniform(1.5, 4.0) * (np.cos(angle) - 1.0)) * 2 - 1
+    if kind == "square":  # a machine switching on and off, slightly smoothed
+        return np.tanh(rng.uniform(3, 12) * (np.sin(angle) + rng.uniform(-0.5, 0.5)))
+    if kind == "saw":
+        return 2 * (phase % 1.0) - 1
+    return np.sin(angle) + rng.uniform(0.2, 0.6) * np.sin(2 * angle + rng.uniform(0, 2 * np.pi))
+
+
+def _base(rng: np.random.Generator, n: int) -> np.ndarray:
+    """A clean-ish unit-scale signal of length n (before scale and offset)."""
+    t = np.arange(n, dtype=np.float64)
+    x = np.zeros(n)
+    for k in range(rng.integers(1, 4)):
+        period = float(np.exp(rng.uniform(np.log(12), np.log(400))))
+        amp = rng.uniform(0.3, 1.0) / (k + 1)
+        x += amp * _shape(rng, t / period + rng.uniform(0, 1))
+    if rng.random() < 0.15:  # some streams carry no cycle at all
+        x *= 0.0
+    if rng.random() < 0.5:  # drift
+        x += rng.normal(0, 1.0) * t / n
+    if rng.random() < 0.4:  # random walk
+        x += np.cumsum(rng.normal(0, rng.uniform(0.005, 0.05), n))
+    noise = rng.uniform(0.0, 0.4) * (rng.random() < 0.9)
+    if rng.random() < 0.5:  # AR(1) noise
+        phi = rng.uniform(0.3, 0.95)
+        e = rng.normal(0, noise * np.sqrt(1 - phi**2), n)
+        ar = np.zeros(n)
+        for i in range(1, n):
+            ar[i] = phi * ar[i - 1] + e[i]
+        x += ar
+    else:
+        x += rng.normal(0, noise, n)
+    if rng.random() < 0.3:  # natural regime changes (not labelled: the model should adapt)
+        for _ in range(rng.integers(1, 3)):
+            x[rng.integers(0, n):] += rng.normal(0, 0.5)
+    if rng.random() < 0.15:  # integer counts, like request or tweet volumes
+        x = np.round(x * rng.uniform(3, 20)) / 10
+    return x
+
+
+def _inject(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray, rate: float) -> None:
+    """Add anomalies in place to ``x`` (T, F); mark them in ``labels``."""
+    n = x.shape[0]
+    spread = np.std(np.diff(x, axis=0), axis=0) + 0.1 * np.std(x, axis=0) + 1e-9
+    count = rng.poisson(rate * n)
+    for _ in range(count):
+        start = int(rng.integers(n // 10, n))  # leave a clean start for warm-up
+        kind = rng.choice(["spike", "spike", "shift", "flat", "burst"])
+        sign = rng.choice([-1.0, 1.0])
+        cols = rng.random(x.shape[1]) < 0.7
+        cols[rng.integers(0, x.shape[1])] = True
+        if kind == "spike":
+            length = 1
+            x[start, cols] += sign * rng.uniform(5, 12) * spread[cols] * 2
+        elif kind == "shift":
+            length = int(rng.integers(20, 120))
+            x[start:start + length, cols] += sign * rng.uniform(3, 6) * spread[cols] * 2
+        elif kind == "flat":
+            length = int(rng.integers(30, 150))
+            x[start:start + length, cols] = x[start, cols]
+        else:
+            length = int(rng.integers(10, 60))
+            end = min(n, start + length)
+            x[start:end, cols] += rng.normal(0, 1, (end - start, int(cols.sum()))) * spread[cols] * 5
+        labels[start:start + length] = True
+
+
+def generate(n_streams: int, n_steps: int, *, seed: int = 0, num_features: int = 1,
+             anomaly_rate: float = 0.002, start_ts: float = 1_700_000_000.0,
+             period_s: float = 60.0) -> list[SyntheticStream]:
+    """``n_streams`` streams of ``n_steps`` readings, one every ``period_s`` seconds.
+
+    ``anomaly_rate`` is the expected number of injected anomalies per reading (0: none).
+    Features of one stream share part of their signal (like sensors on one machine).
+    """
+    if n_streams < 0 or n_steps < 1 or num_features < 1:
+        raise ValueError(f"expected n_streams >= 0, n_steps >= 1, num_features >= 1, "
+                         f"got {n_streams}, {n_steps}, {num_features}")
+    out = []
+    ts = start_ts + period_s * np.arange(n_steps, dtype=np.float64)
+    for i in range(n_streams):
+        rng = np.random.default_rng([seed, i])
+        shared = _base(rng, n_steps)
+        cols = []
+        for _ in range(num_features):
+            mix = rng.uniform(0.3, 1.0) if num_features > 1 else 1.0
+            own = _base(rng, n_steps) if num_features > 1 else 0.0
+            signal = mix * shared + (1 - mix) * own
+            scale = float(np.exp(rng.uniform(np.log(0.1), np.log(1000))))
+            offset = rng.choice([0.0, 1.0, 5.0, 50.0]) * scale * rng.uniform(0.5, 2.0)
+            cols.append(offset + scale * signal)
+        values = np.stack(cols, axis=1)
+        labels = np.zeros(n_steps, dtype=bool)
+        if anomaly_rate > 0:
+            _inject(rng, values, labels, anomaly_rate)
+        out.append(SyntheticStream(f"sensor-{i:03d}", ts.copy(), values, labels))
+    return out
+
+
+def write_csv(stream: SyntheticStream, path: str, features: list[str] | None = None,
+              label_column: bool = False) -> None:
+    """Write a stream as ``timestamp,value`` (or one column per feature) CSV, epoch seconds."""
+    names = features or (["value"] if stream.values.shape[1] == 1
+                         else [f"value_{k}" for k in range(stream.values.shape[1])])
+    header = ["timestamp", *names] + (["label"] if label_column else [])
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(",".join(header) + "\n")
+        for i in range(len(stream.ts)):
+            cells = [repr(float(stream.ts[i]))] + [f"{v:.10g}" for v in stream.values[i]]
+            if label_column:
+                cells.append(str(int(stream.labels[i])))
+            fh.write(",".join(cells) + "\n")

@@ -1,0 +1,183 @@
+"""The Faust application: :func:`create_app` builds it from :class:`worker.settings.Settings`.
+
+Nothing happens at import time. The app has one agent on the input topic (raw bytes keys
+and values) that takes micro-batches with ``stream.noack_take(batch_size, batch_wait)`` and
+hands each to :class:`worker.pipeline.Pipeline`; the batch's messages are acknowledged
+(so Faust may commit their offsets) only after the pipeline has emitted the outputs and
+saved the states. The web server (Faust's) serves ``/streams/{id}``, ``/healthz`` and
+``/metrics`` (worker/web.py).
+
+Why ``noack_take`` and manual acks rather than ``take``: ``take`` acknowledges a batch in a
+``finally`` clause, also when the agent is cancelled or fails half way through it, which
+would let Faust commit offsets of events whose state was never saved.
+
+Startup (before the consumer joins its group): create the topics that are missing, connect
+to Redis and warm the kernels; both services are waited for with backoff, so the worker
+can start before them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from typing import Any
+
+from worker.settings import Settings, broker_hosts
+
+log = logging.getLogger("lstream.worker")
+
+
+class Runtime:
+    """Everything the agent and the web views share: model, engine, store, pipeline, metrics."""
+
+    def __init__(self, settings: Settings, model: Any = None) -> None:
+        from kernels import load_model
+        from kernels.engine import Engine
+        from worker.metrics import WorkerMetrics
+        from worker.pipeline import Outage, Topics
+
+        self.settings = settings
+        self.model = model if model is not None else load_model(settings.model)
+        self.engine = Engine(self.model, threshold=settings.threshold, calm_steps=settings.calm_steps)
+        self.metrics = WorkerMetrics()
+        self.topics = Topics(settings.input_topic, settings.predictions_topic, settings.alerts_topic,
+                             settings.dlq_topic)
+        self.redis_outage = Outage("redis", self.metrics)
+        self.broker_outage = Outage("broker", self.metrics)
+        self.store: Any = None
+        self.pipeline: Any = None
+        self.app: Any = None
+        self.started_at = time.time()
+        self.ready = False
+        self.stopping = False
+        # Run the whole per-event pipeline once so the first real batch pays no JIT cost.
+        self.engine.advance(self.engine.new_states(2), self.model_zero(2))
+
+    def model_zero(self, n: int) -> Any:
+        import numpy as np
+
+        return np.zeros((n, self.model.input_size))
+
+    async def prepare(self) -> None:
+        """Create missing topics and connect to Redis, waiting for each with backoff."""
+        from state.store import StateStore
+        from worker.kafka import ensure_topics
+        from worker.pipeline import Pipeline, broker_retryable, redis_retryable
+
+        s = self.settings
+        topics = [s.input_topic, s.predictions_topic, s.alerts_topic, s.dlq_topic]
+        await self.broker_outage.run(lambda: ensure_topics(s.broker, topics, s.partitions), broker_retryable)
+        m = self.model
+        self.store = await self.redis_outage.run(
+            lambda: StateStore.connect(s.redis_url, model_version=m.version, num_layers=m.num_layers,
+                                       hidden_size=m.hidden_size, input_size=m.input_size, ttl=s.state_ttl,
+                                       policy="reset", retries=3),
+            redis_retryable)
+        self.pipeline = Pipeline(self.engine, self.store, self.emit, topics=self.topics, metrics=self.metrics,
+                                 max_bytes=s.max_message_bytes, policy=s.model_policy,
+                                 redis_outage=self.redis_outage, broker_outage=self.broker_outage)
+        self.ready = True
+        log.info("lstream worker ready: model %s (%d feature(s), %d x %d LSTM), input %r, redis %s",
+                 m.version, m.input_size, m.num_layers, m.hidden_size, s.input_topic, self.store.url)
+
+    async def emit(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Send all records without waiting for each, then wait for every acknowledgement."""
+        producer = self.app.producer
+        futures = [await producer.send(topic, key, value, None, None, None) for topic, key, value in records]
+        await asyncio.gather(*futures)
+
+    async def handle(self, messages: list[Any]) -> None:
+        """Process one batch; retry it until it goes through (never skip, never half-commit)."""
+        delay = 0.1
+        while True:
+            try:
+                await self.pipeline.process(messages)
+                return
+            except Exception as exc:  # noqa: BLE001 - a batch is retried, never dropped
+                log.exception("batch of %d message(s) failed (%s: %s); retrying in %.1f s",
+                              len(messages), type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def lag(self) -> dict[tuple[str, ...], float]:
+        """Per assigned input partition: high watermark minus the next offset to process."""
+        out: dict[tuple[str, ...], float] = {}
+        app = self.app
+        if app is None or self.pipeline is None:
+            return out
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic != self.settings.input_topic:
+                continue
+            hw = consumer.highwater(tp)
+            if hw is None:
+                continue
+            done = self.pipeline.positions.get(tp.partition)
+            out[(str(tp.partition),)] = float(max(0, hw - (done + 1 if done is not None else 0)))
+        return out
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.store.close()
+
+
+def create_app(settings: Settings, model: Any = None) -> Any:
+    """Build the Faust app (with ``app.lstream``, its :class:`Runtime`); nothing starts yet."""
+    import faust
+
+    from worker.events import RawMessage
+    from worker.web import add_views
+
+    s = settings
+    runtime = Runtime(s, model)
+
+    class LstreamApp(faust.App):
+        async def on_first_start(self) -> None:
+            await super().on_first_start()
+            await runtime.prepare()
+
+        async def on_stop(self) -> None:
+            runtime.stopping = True
+            await super().on_stop()  # waits for the batch in hand, flushes, commits
+            await runtime.close()
+
+    data_dir = s.data_dir or tempfile.mkdtemp(prefix="lstream-faust-")
+    app = LstreamApp(
+        s.app_id,
+        broker=";".join(f"kafka://{h}" for h in broker_hosts(s.broker)),
+        autodiscover=False,
+        datadir=data_dir,
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        web_port=s.web_port,
+        web_bind=s.web_host,
+        web_host=s.web_host,
+        broker_session_timeout=s.session_timeout,
+        broker_heartbeat_interval=max(0.5, min(3.0, s.session_timeout / 4)),
+        broker_commit_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        topic_disable_leader=True,
+        topic_partitions=s.partitions,
+        topic_replication_factor=1,
+        producer_max_request_size=4 * 1024 * 1024,
+        producer_linger=0.005,
+    )
+    app.lstream = runtime
+    runtime.app = app
+    topic = app.topic(s.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", partitions=s.partitions)
+
+    async def lstream_events(stream: Any) -> None:
+        async for batch in stream.noack_take(s.batch_size, within=s.batch_wait):
+            msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset)
+                    for e in batch]
+            await runtime.handle(msgs)
+            for e in batch:
+                await stream.ack(e)
+
+    app.agent(topic, name="lstream-events")(lstream_events)
+    add_views(app, runtime)
+    return app

@@ -1,0 +1,113 @@
+"""The PNG ``lstream demo`` writes: a few streams with the worker's forecasts and alerts.
+
+Each panel shows one stream's readings, the forecast the worker had made for each reading
+(``expected`` in the predictions), the labelled injected anomalies (shaded), the detector's
+warm-up, and every alert the worker raised (a marker on the reading that opened it).
+matplotlib is imported only here, with the Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from worker.demo import Scenario, Score, Tally
+
+
+def pick_streams(scenario: Scenario, tally: Tally, score: Score, k: int = 4) -> list[str]:
+    """Up to ``k`` streams worth looking at: caught anomalies of different kinds first, then a
+    missed one or a false alert, then any stream.
+
+    >>> from worker.demo import make_scenario
+    >>> sc = make_scenario(5, 150, seed=2, anomaly_rate=0.01, clean_steps=50)
+    >>> t = Tally(sc, 5)
+    >>> len(pick_streams(sc, t, t.result(), k=3))
+    3
+    """
+    chosen: list[str] = []
+
+    def add(sid: str) -> None:
+        if sid not in chosen and len(chosen) < k:
+            chosen.append(sid)
+
+    caught = sorted(score.caught, key=lambda e: -(e.end - e.start))  # long episodes first
+    long_ones = [e for e in caught if e.end - e.start > 1]
+    spikes = [e for e in caught if e.end - e.start == 1]
+    for pair in zip(long_ones, spikes):
+        for e in pair:
+            add(e.stream_id)
+    for e in long_ones + spikes:
+        if len(chosen) >= max(1, k - 1):
+            break
+        add(e.stream_id)
+    for e in score.missed[:1]:
+        add(e.stream_id)
+    for sid, _ in score.false_alerts[:1]:
+        add(sid)
+    for s in scenario.streams:
+        add(s.stream_id)
+    return chosen
+
+
+def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Path,
+                 stream_ids: list[str], title: str = "") -> Path:
+    """Write the figure to ``path`` and return it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    caught = {(e.stream_id, e.start) for e in score.caught}
+    fig, axes = plt.subplots(len(stream_ids), 1, figsize=(12, 2.6 * len(stream_ids) + 0.8), squeeze=False)
+    for ax, sid in zip(axes[:, 0], stream_ids):
+        s = scenario.by_id[sid]
+        rows = np.arange(len(s.ts))
+        actual = s.values[:, 0]
+        ax.axvspan(-0.5, scenario.clean_steps - 0.5, color="0.85", alpha=0.5, lw=0, label="detector warm-up")
+        labelled = False
+        for e in scenario.episodes:
+            if e.stream_id != sid:
+                continue
+            colour = "tab:red" if (sid, e.start) in caught else "tab:purple"
+            ax.axvspan(e.start - 0.5, e.end - 0.5, color=colour, alpha=0.18, lw=0,
+                       label=None if labelled else "injected anomaly")
+            labelled = True
+        ax.plot(rows, actual, color="0.15", lw=1.1, label="reading")
+        ax.plot(rows, tally.expected[sid], color="tab:orange", lw=1.1, ls="--", label="forecast (expected)")
+        alerts = [a for a in tally.alerts if a.stream_id == sid and a.row is not None]
+        for a in alerts:
+            ax.axvline(a.row, color="tab:red" if a.injected else "tab:blue", lw=0.8, alpha=0.7)
+        if alerts:
+            true_rows = [a.row for a in alerts if a.injected]
+            false_rows = [a.row for a in alerts if not a.injected]
+            ax.scatter(true_rows, actual[true_rows], marker="v", s=70, color="tab:red", zorder=5,
+                       label="alert (injected anomaly)")
+            ax.scatter(false_rows, actual[false_rows], marker="v", s=70, color="tab:blue", zorder=5,
+                       label="alert (no label: false)")
+        n_eps = sum(1 for e in scenario.episodes if e.stream_id == sid)
+        n_caught = sum(1 for e in score.caught if e.stream_id == sid)
+        n_false = sum(1 for a in score.false_alerts if a[0] == sid)
+        ax.set_title(f"{sid}: {n_caught} of {n_eps} injected anomalies caught, {n_false} false alerts",
+                     loc="left", fontsize=10)
+        lo, hi = np.nanmin(actual), np.nanmax(actual)
+        pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)  # a wild early forecast must not squash the readings
+        ax.set_xlim(-0.5, len(rows) - 0.5)
+        ax.grid(alpha=0.25)
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel(f"reading (one every {scenario.period_s:g} s of event time)")
+    handles: dict[str, object] = {}
+    for ax in axes[:, 0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=len(handles),
+               fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0 - 0.25 / fig.get_figheight()))
+    if title:
+        fig.suptitle(title, fontsize=11, y=1.0 - 0.02 / fig.get_figheight())
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
