@@ -6,8 +6,9 @@ For each size (input 1 and 8, hidden 32/64/128, layers 1 and 2) it times one ste
 (one thread, inference mode, the state passed in and out as a streaming worker would) and of
 ``kernels`` at n = 1 and n = 256 streams, and prints the floor: the LSTM's FLOPs,
 2 * 4H * (I + H) per layer per stream-step, divided by this machine's single-thread float32
-matmul rate measured in the same run. Times are the best of several rounds (the box is shared;
-the minimum is the least disturbed figure). This is a report, not a test: nothing is asserted.
+matmul rate measured in the same rounds. Times are process CPU time (everything runs on one
+thread), the best of several interleaved rounds: the box is shared, and the minimum is the least
+disturbed figure. This is a report, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -60,33 +61,72 @@ def limit_blas_threads(n: int = 1) -> tuple[str, Callable[[], None]]:
     return f"openblas_set_num_threads({n})", lambda: put(ctypes.c_int(before))
 
 
-def best_time(fn: Callable[[], object], min_time: float, rounds: int = 5) -> float:
-    """Seconds per call: the fastest of ``rounds`` rounds, each ~min_time/rounds long."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    per_round = max(1, int(min_time / rounds / once))
-    best = float("inf")
-    for _ in range(rounds):
+# CPU time of this process, not wall time: on the shared 2-core box other jobs preempt us often,
+# and preempted time is not ours (everything here runs on one thread: torch and BLAS are set so).
+CLOCK = time.process_time
+
+
+def best_times(fns: list[Callable[[], object]], min_time: float, rounds: int = 7) -> list[float]:
+    """CPU seconds per call of each function: the fastest of ``rounds`` rounds. The functions
+    take turns within each round, so a busy neighbour slows all of them alike."""
+    loops = []
+    for fn in fns:
+        fn()
         start = time.perf_counter()
-        for _ in range(per_round):
-            fn()
-        best = min(best, (time.perf_counter() - start) / per_round)
+        fn()
+        fn()
+        once = max((time.perf_counter() - start) / 2, 1e-7)
+        loops.append(max(1, int(min_time / rounds / once)))
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, (fn, count) in enumerate(zip(fns, loops)):
+            start = CLOCK()
+            for _ in range(count):
+                fn()
+            best[i] = min(best[i], (CLOCK() - start) / count)
     return best
 
 
-def matmul_rate(min_time: float) -> float:
-    """Single-thread float32 matmul FLOP/s: the best of a few LSTM-like shapes (n=256 rows)."""
+def best_time(fn: Callable[[], object], min_time: float, rounds: int = 7) -> float:
+    """Seconds per call of ``fn``, the fastest of ``rounds`` rounds."""
+    return best_times([fn], min_time, rounds)[0]
+
+
+def matmul_caller(k: int, g4: int) -> Callable[[], object]:
+    """One (256 x k) @ (k x g4) float32 matmul into a preallocated output."""
     rng = np.random.default_rng(0)
-    best = 0.0
-    for k, g4 in ((136, 512), (256, 512), (256, 1024)):
-        a = rng.normal(size=(N_BIG, k)).astype(np.float32)
-        b = rng.normal(size=(k, g4)).astype(np.float32)
-        out = np.empty((N_BIG, g4), np.float32)
-        seconds = best_time(lambda: np.matmul(a, b, out=out), min_time)
-        best = max(best, 2.0 * N_BIG * k * g4 / seconds)
-    return best
+    a = rng.normal(size=(N_BIG, k)).astype(np.float32)
+    b = rng.normal(size=(k, g4)).astype(np.float32)
+    out = np.empty((N_BIG, g4), np.float32)
+    return lambda: np.matmul(a, b, out=out)
+
+
+# LSTM-like matmul shapes (k = I + H, 4H) whose best rate is taken as the machine's
+RATE_SHAPES = ((136, 512), (256, 512), (256, 1024))
+
+
+def rate_of(seconds: list[float]) -> float:
+    """FLOP/s: the best over RATE_SHAPES, given their times."""
+    return max(2.0 * N_BIG * k * g4 / t for (k, g4), t in zip(RATE_SHAPES, seconds))
+
+
+def rate_without_openblas_env() -> str:
+    """Where OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set (some machines set them for old
+    OpenBLAS builds; they slow a current numpy), the matmul rate with both unset, measured in a
+    child process: the environment of this one is left alone."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+    env["OPENBLAS_NUM_THREADS"] = "1"
+    code = ("from bench.kernels import *; fns=[matmul_caller(k, g) for k, g in RATE_SHAPES]; "
+            "print(f'{rate_of(best_times(fns, 0.3)) / 1e9:.1f}')")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                             timeout=120, check=True).stdout.strip()
+    except (subprocess.SubprocessError, OSError) as exc:
+        return f"(could not measure without them: {exc})"
+    return f"with both unset: {out} GFLOP/s"
 
 
 def lstm_flops(n_in: int, hid: int, n_layers: int) -> float:
@@ -109,7 +149,8 @@ def build(n_in: int, hid: int, n_layers: int, tmp: str):
     return lstm, head, load_model(out)
 
 
-def time_torch(lstm, head, n: int, n_in: int, min_time: float) -> float:
+def torch_caller(lstm, head, n: int, n_in: int) -> Callable[[], object]:
+    """One streaming step of torch: the state goes in and comes out, as in a worker."""
     import torch
 
     rng = np.random.default_rng(1)
@@ -121,14 +162,14 @@ def time_torch(lstm, head, n: int, n_in: int, min_time: float) -> float:
             out, state[0] = lstm(x, state[0])
             head(out[:, 0])
 
-    return best_time(step, min_time)
+    return step
 
 
-def time_lstream(model, n: int, min_time: float) -> float:
+def lstream_caller(model, n: int) -> Callable[[], object]:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(n, model.input_size)).astype(np.float32)
     h, c = model.zero_state(n)
-    return best_time(lambda: model.step(x, h, c), min_time)
+    return lambda: model.step(x, h, c)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,27 +196,33 @@ def main(argv: list[str] | None = None) -> int:
 def _run(sizes: list[tuple[int, int, int]], min_time: float, how: str) -> None:
     import torch
 
-    rate = matmul_rate(min_time)
     env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
            if k in os.environ}
     print(f"numpy {np.__version__}, torch {torch.__version__}, 1 thread each ({how}); "
           f"env {env or 'no OPENBLAS_* set'}")
-    print(f"single-thread float32 matmul rate: {rate / 1e9:.1f} GFLOP/s; "
-          f"times per stream-step in microseconds, best of 5 rounds")
+    print("CPU microseconds per stream-step, best of 7 interleaved rounds; floor = LSTM FLOPs / "
+          "best single-thread float32 matmul rate of the same rounds")
     header = (f"{'I':>3} {'H':>4} {'L':>2} | {'torch n=1':>9} {'lstream n=1':>11} {'torch/ls':>8} | "
-              f"{'torch n=256':>11} {'lstream n=256':>13} {'floor':>7} {'ls/floor':>8} {'torch/ls':>8}")
+              f"{'torch n=256':>11} {'lstream n=256':>13} {'floor':>7} {'ls/floor':>8} {'torch/ls':>8} | "
+              f"{'GFLOP/s':>7}")
     print(header)
     print("-" * len(header))
+    if "OPENBLAS_CORETYPE" in env or "OPENBLAS_L2_SIZE" in env:
+        print(f"note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set; matmul rate {rate_without_openblas_env()}")
+    matmuls = [matmul_caller(k, g4) for k, g4 in RATE_SHAPES]
     with tempfile.TemporaryDirectory() as tmp:
         for n_in, hid, n_layers in sizes:
             lstm, head, model = build(n_in, hid, n_layers, tmp)
-            t1 = time_torch(lstm, head, 1, n_in, min_time) * 1e6
-            l1 = time_lstream(model, 1, min_time) * 1e6
-            tb = time_torch(lstm, head, N_BIG, n_in, min_time) * 1e6 / N_BIG
-            lb = time_lstream(model, N_BIG, min_time) * 1e6 / N_BIG
+            fns = [torch_caller(lstm, head, 1, n_in), lstream_caller(model, 1),
+                   torch_caller(lstm, head, N_BIG, n_in), lstream_caller(model, N_BIG), *matmuls]
+            times = best_times(fns, min_time)
+            t1, l1 = times[0] * 1e6, times[1] * 1e6
+            tb, lb = times[2] * 1e6 / N_BIG, times[3] * 1e6 / N_BIG
+            rate = rate_of(times[4:])
             floor = lstm_flops(n_in, hid, n_layers) / rate * 1e6
             print(f"{n_in:>3} {hid:>4} {n_layers:>2} | {t1:>9.1f} {l1:>11.2f} {t1 / l1:>7.1f}x | "
-                  f"{tb:>11.3f} {lb:>13.3f} {floor:>7.3f} {lb / floor:>7.2f}x {tb / lb:>7.2f}x", flush=True)
+                  f"{tb:>11.3f} {lb:>13.3f} {floor:>7.3f} {lb / floor:>7.2f}x {tb / lb:>7.2f}x | "
+                  f"{rate / 1e9:>7.1f}", flush=True)
     print("torch/ls: how many times faster lstream is; ls/floor: lstream n=256 over the FLOP floor")
 
 

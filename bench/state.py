@@ -26,6 +26,7 @@ from kernels.engine import StreamStates
 from state.store import StateStore
 
 LAYERS, HIDDEN, FEATURES = 2, 64, 1
+ROUNDS = 5
 
 
 def _states(n: int, rng: np.random.Generator) -> StreamStates:
@@ -59,10 +60,9 @@ def _unblob(blobs: Sequence[bytes], n: int) -> StreamStates:
     return st
 
 
-async def _cpu_per_stream(body: Callable[[int], Awaitable[None]], n: int, reps: int) -> float:
-    await body(-1)  # warm up (connections, script, caches)
+async def _cpu_per_stream(body: Callable[[int], Awaitable[None]], n: int, reps: int, start: int) -> float:
     t0 = time.process_time()
-    for r in range(reps):
+    for r in range(start, start + reps):
         await body(r)
     return (time.process_time() - t0) / (reps * n) * 1e6
 
@@ -82,7 +82,7 @@ async def _run(url: str, sizes: Sequence[int], budget: float) -> list[tuple[int,
             idx = np.zeros(n, np.int64)
             ts = np.full(n, 1.7e9)
             eids = [f"e-{i}" for i in range(n)]
-            reps = max(3, int(budget * 2000 / n))  # rough: a few ms per stream-rep at worst
+            reps = max(2, int(budget * 400 / n / ROUNDS))  # a rep of load + save: ~1-3 ms per 100 streams
             await store.save(ids, st, parts, np.zeros(n, np.int64), idx, ts, None)
             await client.mset(dict(zip(keys, _blobs(st))))
 
@@ -104,9 +104,15 @@ async def _run(url: str, sizes: Sequence[int], budget: float) -> list[tuple[int,
                 for k, b in zip(keys, _blobs(loaded)):
                     await client.set(k, b)
 
-            f = await _cpu_per_stream(fenced, n, reps)
-            p = await _cpu_per_stream(plain, n, reps)
-            s = await _cpu_per_stream(single, n, max(2, reps // 8))
+            for body in (fenced, plain, single):
+                await body(-1)  # warm up: connections, script, caches
+            # Rounds alternate the three so that a busy machine slows them alike; medians.
+            fs, ps, ss = [], [], []
+            for k in range(ROUNDS):
+                fs.append(await _cpu_per_stream(fenced, n, reps, k * reps))
+                ps.append(await _cpu_per_stream(plain, n, reps, k * reps))
+                ss.append(await _cpu_per_stream(single, n, max(1, reps // 8), k * reps))
+            f, p, s = (float(np.median(x)) for x in (fs, ps, ss))
             rows.append((n, f, p, s))
             await client.delete(*keys)
             for s_id in ids:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from kernels.artifact import ModelError, read_artifact
-from kernels.lstm import SMALL_N, Packed, lstm_step, pack
+from kernels.lstm import Packed, lstm_step, pack
 
 __all__ = ["Model", "ModelError", "load_model"]
 
@@ -73,7 +73,7 @@ class Model:
 
     def warm(self) -> None:
         """Run both kernel paths once so that the first real event pays no JIT cost."""
-        for n in (1, SMALL_N + 1):
+        for n in (1, self.packed.small_n + 1):
             h, c = self.zero_state(n)
             self.step(np.zeros((n, self.input_size), np.float32), h, c)
 

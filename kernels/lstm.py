@@ -11,14 +11,16 @@ the head's linear layers (activation relu, tanh or none). Layout, chosen once at
 
 Two paths:
 
-- small n (<= ``SMALL_N``): one numba kernel does the whole step, stream by stream.
+- small n (<= ``Packed.small_n``, 1 to 16 by model size): one numba kernel does the whole
+  step, stream by stream.
 - large n: per layer one float32 BLAS matmul (numpy ``matmul`` into preallocated buffers) and
   one fused numba kernel for bias + activations + cell update, which also writes the next
   layer's input.
 
-tanh and sigmoid use a rational approximation (clamped odd 13/6 rational, sigmoid(x) =
-(1 + tanh(x/2)) / 2): it vectorises, and its error (< 5e-7 absolute, checked in
-tests/test_kernels.py) is far below the 1e-5 agreement with torch that the contract asks for.
+tanh and sigmoid use a rational approximation: the clamped odd 13/6 rational of Eigen's fast
+float tanh (its coefficients), and sigmoid(x) = (1 + tanh(x/2)) / 2. It vectorises (libm's
+tanhf/expf do not, and were most of the step's time), and its error, < 5e-7 absolute (checked
+in tests/test_kernels.py), is far below the 1e-5 agreement with torch the contract asks for.
 
 Kernels are private, ``@njit(cache=True)`` and write into caller-allocated buffers; the public
 :func:`lstm_step` checks shapes and dtypes first (STUMPY style).
@@ -42,9 +44,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-# Below or at this many streams, the per-stream numba loop beats BLAS (measured with
-# bench/kernels.py on 2-core x86_64: the crossover is near n = 8 for H = 64).
-SMALL_N = 8
+# Up to ``small_n`` streams the per-stream numba loop beats BLAS, whose call overhead is fixed
+# while the loop's cost grows with the weights: measured crossovers (x86_64, 1 BLAS thread) were
+# n ~ 4 for I=8, H=64, L=2 (51k weights), ~10 for H=32, L=1 and ~2 for H=128, L=2, so
+# small_n = SMALL_WORK / weights, kept within [1, 16].
+SMALL_WORK = 180_000
 
 ACT_NONE, ACT_RELU, ACT_TANH = 0, 1, 2
 ACT_CODES = {None: ACT_NONE, "none": ACT_NONE, "relu": ACT_RELU, "tanh": ACT_TANH}
@@ -199,10 +203,12 @@ def _step_small(x, h, c, y, params, meta, scratch):  # pragma: no cover - compil
 def _cell_batch(gates, b, h, c, layer, nxt):  # pragma: no cover - compiled
     """Bias + activations + cell update for all streams of one layer (after the BLAS matmul).
 
-    Writes the new h into ``h[:, layer]`` and into ``nxt[:, :H]`` (the next layer's input, or
-    the head's input after the last layer)."""
+    Writes the new h into ``h[:, layer]`` and ``nxt[:, :H]``. ``nxt`` is the next layer's
+    matmul input [h_layer, h_layer+1] (then the old ``h[:, layer + 1]`` is copied into its
+    right half here, saving a pass) or, after the last layer, the head's input (n, H)."""
     n = gates.shape[0]
     hid = h.shape[2]
+    more = nxt.shape[1] > hid
     for s in range(n):
         for j in range(hid):
             ig = _sigmoid(gates[s, j] + b[layer, j])
@@ -214,21 +220,20 @@ def _cell_batch(gates, b, h, c, layer, nxt):  # pragma: no cover - compiled
             c[s, layer, j] = cn
             h[s, layer, j] = hn
             nxt[s, j] = hn
+        if more:
+            for j in range(hid):
+                nxt[s, hid + j] = h[s, layer + 1, j]
 
 
 @njit(**_JIT)
-def _copy_hidden(h, layer, z, col):  # pragma: no cover - compiled
-    """z[:, col:col+H] = h[:, layer, :] (the recurrent half of the layer's matmul input)."""
-    for s in range(h.shape[0]):
-        for j in range(h.shape[2]):
-            z[s, col + j] = h[s, layer, j]
-
-
-@njit(**_JIT)
-def _copy_input(x, z):  # pragma: no cover - compiled
+def _first_input(x, h, z):  # pragma: no cover - compiled
+    """z = [x, h[:, 0]]: layer 0's matmul input."""
+    n_in = x.shape[1]
     for s in range(x.shape[0]):
-        for j in range(x.shape[1]):
+        for j in range(n_in):
             z[s, j] = x[s, j]
+        for j in range(h.shape[2]):
+            z[s, n_in + j] = h[s, 0, j]
 
 
 @njit(**_JIT)
@@ -261,6 +266,9 @@ class Packed:
     head_w: list[np.ndarray]  # per head layer (in, out)
     head_b: list[np.ndarray]
     head_act: list[int]
+    small_n: int = 1  # up to this many streams: the per-stream kernel; more: BLAS
+    x_strides: tuple[int, int] = (0, 0)  # C-contiguous strides of x and of h, c (the fast check)
+    state_strides: tuple[int, int, int] = (0, 0, 0)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def scratch(self) -> np.ndarray:
@@ -274,21 +282,21 @@ class Packed:
         return sc
 
     def workspace(self, n: int) -> dict:
-        """Scratch buffers for n streams, cached per thread (a step never allocates them twice)."""
-        cache = getattr(self._local, "cache", None)
-        if cache is None:
-            cache = self._local.cache = {}
-        ws = cache.get(n)
-        if ws is None:
-            if len(cache) >= 8:  # batch sizes vary; keep the memory bounded
-                cache.pop(next(iter(cache)))
+        """Scratch buffers for n streams, per thread. Buffers are kept for a capacity (the next
+        power of two >= n) and handed out as views of their first n rows, so batches of varying
+        size reuse the same memory instead of allocating on every step."""
+        cap = 1 << max(0, n - 1).bit_length()
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None or bufs["cap"] < cap:
             hid, f32 = self.hidden_size, np.float32
-            ws = {"z": [np.zeros((n, lw.shape[0]), f32) for lw in self.layers],
-                  "gates": np.empty((n, 4 * hid), f32),
-                  "last": np.empty((n, hid), f32),
-                  "head": [np.empty((n, w.shape[1]), f32) for w in self.head_w[:-1]]}
-            cache[n] = ws
-        return ws
+            bufs = self._local.bufs = {
+                "cap": cap,
+                "z": [np.zeros((cap, lw.shape[0]), f32) for lw in self.layers],
+                "gates": np.empty((cap, 4 * hid), f32),
+                "last": np.empty((cap, hid), f32),
+                "head": [np.empty((cap, w.shape[1]), f32) for w in self.head_w[:-1]]}
+        return {"z": [z[:n] for z in bufs["z"]], "gates": bufs["gates"][:n], "last": bufs["last"][:n],
+                "head": [hb[:n] for hb in bufs["head"]]}
 
 
 def pack(lstm: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
@@ -327,7 +335,12 @@ def pack(lstm: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
                   b=params[off_b:off_b + n_layers * 4 * hid].reshape(n_layers, 4 * hid),
                   head_w=[params[wo:wo + fi * fo].reshape(fi, fo) for fi, fo, _, wo, _ in head_meta],
                   head_b=[params[bo:bo + fo] for _, fo, _, _, bo in head_meta],
-                  head_act=[act for _, _, act, _, _ in head_meta])
+                  head_act=[act for _, _, act, _, _ in head_meta],
+                  small_n=int(min(16, max(1, round(SMALL_WORK / sum(w.size for w in layers))))),
+                  x_strides=(4 * n_in, 4), state_strides=(4 * n_layers * hid, 4 * hid, 4))
+
+
+_F32 = np.dtype(np.float32)
 
 
 def _check(name: str, arr: object, shape: tuple[int, ...]) -> None:
@@ -340,8 +353,8 @@ def _check(name: str, arr: object, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name}: expected a C-contiguous float32 array of shape {shape}, got {got}")
 
 
-def lstm_step(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """One step for n streams: h, c (n, L, H) advance in place; returns y (n, F) float32."""
+def _check_all(p: Packed, x: object, h: object, c: object) -> None:
+    """The full check, with messages: expected vs got."""
     if not isinstance(x, np.ndarray) or x.ndim != 2:
         raise ValueError(f"x: expected a float32 array of shape (n, {p.input_size}), got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
@@ -352,8 +365,27 @@ def lstm_step(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndar
     _check("c", c, state_shape)
     if np.may_share_memory(h, c):
         raise ValueError("h, c: expected two separate arrays, got overlapping memory")
+
+
+def lstm_step(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """One step for n streams: h, c (n, L, H) advance in place; returns y (n, F) float32.
+
+    Raises ValueError (expected vs got) unless x is (n, I) and h, c are (n, L, H), all
+    C-contiguous float32, h and c separate."""
+    # Fast path: plain, fresh-looking arrays (exact types, native dtype object, packed strides).
+    # Anything else takes the full check, which accepts every valid input and explains the rest.
+    if (type(x) is np.ndarray and type(h) is np.ndarray and type(c) is np.ndarray
+            and x.dtype is _F32 and h.dtype is _F32 and c.dtype is _F32 and x.ndim == 2):
+        n = x.shape[0]
+        if not (x.strides == p.x_strides and h.shape == c.shape == (n, p.num_layers, p.hidden_size)
+                and h.strides == c.strides == p.state_strides and h is not c
+                and (h.base is None or h.base is not c.base)):
+            _check_all(p, x, h, c)
+    else:
+        _check_all(p, x, h, c)
+        n = x.shape[0]
     y = np.empty((n, p.output_size), np.float32)
-    if n <= SMALL_N:
+    if n <= p.small_n:
         if n:
             _step_small(x, h, c, y, p.params, p.meta, p.scratch())
         return y
@@ -364,10 +396,8 @@ def lstm_step(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndar
 def _step_batch(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray, y: np.ndarray) -> None:
     ws = p.workspace(x.shape[0])
     zs, gates = ws["z"], ws["gates"]
-    _copy_input(x, zs[0])
+    _first_input(x, h, zs[0])
     for layer, w in enumerate(p.layers):
-        k_in = p.input_size if layer == 0 else p.hidden_size
-        _copy_hidden(h, layer, zs[layer], k_in)
         np.matmul(zs[layer], w, out=gates)
         nxt = zs[layer + 1] if layer + 1 < p.num_layers else ws["last"]
         _cell_batch(gates, p.b, h, c, layer, nxt)

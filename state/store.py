@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import hiredis
 import numpy as np
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -50,6 +49,11 @@ from state.errors import StateError
 
 FENCE_LUA = (Path(__file__).resolve().parent / "fence.lua").read_text()
 APPLIED, STALE, DUPLICATE = 1, 0, 2
+try:
+    import hiredis
+except ImportError:  # redis-py then parses in Python: correct, slower
+    hiredis = None
+
 _MORE = object()  # hiredis: not enough data yet
 NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -71,7 +75,8 @@ def _event_frames(event_ids: Sequence[str | None] | None, n: int) -> list[bytes]
         return [_EMPTY] * n
     if len(event_ids) != n:
         raise StateError(f"save: event_ids: expected {n}, got {len(event_ids)}")
-    return [_bulk(e.encode()) if e else _EMPTY for e in event_ids]
+    encoded = [e.encode() if e else b"" for e in event_ids]
+    return [b"$%d\r\n%b\r\n" % (len(b), b) for b in encoded]
 
 
 def safe_url(url: str) -> str:
@@ -164,6 +169,7 @@ class StateStore:
         self._index_b = self.index.encode()
         self._sha = ""
         self._next_trim = -math.inf
+        self._idle: list[Any] = []  # connections of the hand-framed path, see _roundtrip
         # Counters for /metrics.
         self.loads = 0  # streams loaded
         self.resets = 0  # states of another model version replaced by fresh ones (policy reset)
@@ -189,14 +195,20 @@ class StateStore:
         does with a state of another model version; ``retries`` bounds reconnect attempts
         (exponential backoff, at most 1 s apart); ``index_cap`` bounds the index's size.
         """
+        if policy not in ("reset", "refuse"):
+            raise StateError(f"model policy: expected 'reset' or 'refuse', got {policy!r}")
         try:
             client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                        retry=Retry(NoBackoff(), 0), protocol=2)
         except ValueError as exc:
             raise StateError(f"redis url {safe_url(url)!r}: {exc}") from None
-        store = cls(client, url, model_version=model_version, num_layers=num_layers, hidden_size=hidden_size,
-                    input_size=input_size, anomaly_size=anomaly_size, ttl=ttl, policy=policy, clock=clock,
-                    prefix=prefix, retries=retries, timeout=timeout, index_cap=index_cap)
+        try:
+            store = cls(client, url, model_version=model_version, num_layers=num_layers, hidden_size=hidden_size,
+                        input_size=input_size, anomaly_size=anomaly_size, ttl=ttl, policy=policy, clock=clock,
+                        prefix=prefix, retries=retries, timeout=timeout, index_cap=index_cap)
+        except BaseException:
+            await client.aclose()
+            raise
         try:
             await store._with_retry(store._load_script)
         except BaseException:
@@ -205,6 +217,9 @@ class StateStore:
         return store
 
     async def close(self) -> None:
+        pool = self.client.connection_pool
+        while self._idle:
+            await pool.release(self._idle.pop())
         await self.client.aclose()
 
     async def __aenter__(self) -> StateStore:
@@ -298,13 +313,17 @@ class StateStore:
     async def _roundtrip(self, payload: bytes, nreplies: int) -> list[Any]:
         """Send a pre-framed request, read ``nreplies`` replies (error replies come back as
         :class:`ResponseError` objects, in place)."""
-        pool = self.client.connection_pool
-        conn = await pool.get_connection()
+        # Connections taken from redis-py's pool once and kept: the pool's get/release costs
+        # more than a small batch. A connection that failed is disconnected and reconnects on
+        # its next send.
+        conn = self._idle.pop() if self._idle else await self.client.connection_pool.get_connection()
         try:
             async with asyncio.timeout(self.timeout):
                 await conn.send_packed_command(payload, check_health=False)
                 stream = getattr(conn, "_reader", None)
-                if isinstance(stream, asyncio.StreamReader) and not conn._parser._reader.has_data():
+                buffered = getattr(getattr(conn, "_parser", None), "_reader", None)
+                if (hiredis is not None and isinstance(stream, asyncio.StreamReader)
+                        and isinstance(buffered, hiredis.Reader) and not buffered.has_data()):
                     replies = await _read_replies(stream, nreplies)
                 else:  # redis-py internals changed: the slower public path
                     replies = [await _read_one(conn) for _ in range(nreplies)]
@@ -316,7 +335,7 @@ class StateStore:
             await conn.disconnect()
             raise
         finally:
-            await pool.release(conn)
+            self._idle.append(conn)
 
     # ------------------------------------------------------------------ load
 
@@ -357,31 +376,49 @@ class StateStore:
             reset[other] = True
             self.resets += len(other)
         if there:
-            self._positions(cols, there, part, off, idx, ts, event_ids)
-        if ok:
-            self._fill(st, cols, ok, ids)
+            nums = self._numbers(cols, there, ids)  # (6, k): steps, partition, offset, index, episode, ts
+            part[there], off[there], idx[there], ts[there] = nums[1], nums[2], nums[3], nums[5]
+            eid_col = cols[9]
+            for i in there:
+                e = eid_col[i]
+                if e:
+                    event_ids[i] = e.decode()
+            if ok:
+                sub = nums if len(ok) == len(there) else nums[:, np.searchsorted(there, ok)]
+                self._fill(st, cols, ok, ids, sub[0], sub[4])
         self.loads += n
         return Loaded(st, part, off, idx, ts, event_ids, found, reset)
 
-    @staticmethod
-    def _ints(col: Sequence[bytes | None], rows: list[int], default: int) -> np.ndarray:
-        return np.array([default if col[i] is None else int(col[i]) for i in rows], np.int64)  # type: ignore[arg-type]
+    # Hash fields read as numbers (codec.FIELDS positions), with the value a missing field takes.
+    NUMBERS = ((4, "steps", 0.0), (5, "partition", -1.0), (6, "offset", -1.0), (7, "index", 0.0),
+               (12, "episode", -1.0), (8, "ts", math.nan))
 
-    def _positions(self, cols: list[tuple[Any, ...]], rows: list[int], part: np.ndarray, off: np.ndarray,
-                   idx: np.ndarray, ts: np.ndarray, event_ids: list[str | None]) -> None:
-        try:
-            part[rows] = self._ints(cols[5], rows, -1)
-            off[rows] = self._ints(cols[6], rows, -1)
-            idx[rows] = self._ints(cols[7], rows, 0)
-            ts[rows] = [math.nan if cols[8][i] is None else float(cols[8][i]) for i in rows]
-        except ValueError as exc:
-            raise StateError(f"state hash: expected decimal numbers in partition/offset/index/ts: {exc}") from None
-        for i in rows:
-            e = cols[9][i]
-            if e:
-                event_ids[i] = e.decode()
+    def _numbers(self, cols: list[tuple[Any, ...]], rows: list[int], ids: Sequence[str]) -> np.ndarray:
+        """The numeric fields of ``rows`` as a (6, k) float64 array (one C parse for all of them;
+        integers are exact below 2**53, as in the fence script)."""
+        k = len(rows)
+        every = k == len(cols[0])
+        picked = [cols[c] if every else [cols[c][i] for i in rows] for c, _, _ in self.NUMBERS]
+        flat = [v for col in picked for v in col]
+        if None not in flat:
+            try:
+                vals = np.fromstring(b" ".join(flat).decode("ascii"), dtype=np.float64, sep=" ")
+                if vals.size == len(flat):
+                    return vals.reshape(len(self.NUMBERS), k)
+            except (ValueError, UnicodeDecodeError):
+                pass
+        out = np.empty((len(self.NUMBERS), k))  # slow path: missing fields, or a bad value to name
+        for r, (col, (_, name, default)) in enumerate(zip(picked, self.NUMBERS)):
+            for j, v in enumerate(col):
+                try:
+                    out[r, j] = default if v is None else float(v)
+                except ValueError:
+                    raise StateError(f"stream {ids[rows[j]]!r}: field {name}: expected a decimal number, "
+                                     f"got {v!r}") from None
+        return out
 
-    def _fill(self, st: StreamStates, cols: list[tuple[Any, ...]], ok: list[int], ids: Sequence[str]) -> None:
+    def _fill(self, st: StreamStates, cols: list[tuple[Any, ...]], ok: list[int], ids: Sequence[str],
+              steps: np.ndarray, episode: np.ndarray) -> None:
         all_rows = len(ok) == len(st)
         target: Any = slice(None) if all_rows else np.asarray(ok)
         for field, col in (("h", 0), ("c", 1), ("pred", 2), ("norm", 10), ("anomaly", 11)):
@@ -401,11 +438,8 @@ class StateStore:
                     raise StateError(f"stream {ids[j]!r}: field {field}: expected {width} bytes (shape {shape}), "
                                      f"got {len(v)}")
                 dest[j] = np.frombuffer(v, dest.dtype.newbyteorder("<")).reshape(shape)
-        try:
-            st.steps[target] = self._ints(cols[4], ok, 0)
-            st.episode[target] = self._ints(cols[12], ok, -1)
-        except ValueError as exc:
-            raise StateError(f"state hash: expected decimal numbers in steps/episode: {exc}") from None
+        st.steps[target] = steps
+        st.episode[target] = episode
 
     # ------------------------------------------------------------------ save
 
@@ -541,45 +575,61 @@ class StateStore:
         rec["ttl"] = pttl / 1000.0 if pttl is not None and pttl >= 0 else None
         return rec
 
-    async def list(self, pattern: str = "*", limit: int = 50) -> list[dict[str, Any]]:
-        """Streams whose id matches ``pattern`` (glob), most recently updated first, from the index.
+    SUMMARY = ("model", "steps", "partition", "offset", "index", "ts", "updated_at", "event_id")
 
-        Index entries whose hash has gone (expired or deleted) are removed on the way.
+    async def list(self, pattern: str = "*", limit: int = 50, *, scan: bool = False) -> list[dict[str, Any]]:
+        """Streams whose id matches ``pattern`` (glob), most recently updated first.
+
+        From the index; entries whose hash has gone (expired or deleted) are removed on the way.
+        ``scan=True`` walks the keys instead (SCAN: slower, but finds hashes the index does not
+        list, e.g. written by another tool or trimmed from a full index).
         """
+        if scan:
+            return await self._list_scan(pattern, limit)
         out: list[dict[str, Any]] = []
         start, chunk = 0, max(100, 2 * limit)
-        summary = ("model", "steps", "partition", "offset", "index", "ts", "updated_at", "event_id")
         while len(out) < limit:
-            entries = await self._with_retry(
-                lambda: self.client.zrevrange(self.index, start, start + chunk - 1, withscores=True))
+            entries = await self._with_retry(lambda: self.client.zrevrange(self.index, start, start + chunk - 1))
             if not entries:
                 break
             start += chunk
-            ids = [m.decode() for m, _ in entries]
-            ids = [s for s in ids if fnmatch.fnmatchcase(s, pattern)]
-            if not ids:
-                continue
-
-            async def op(ids: list[str] = ids) -> list[Any]:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for s in ids:
-                        pipe.hmget(codec.state_key(s, self.prefix), summary)
-                    return await pipe.execute()
-
-            rows = await self._with_retry(op)
+            ids = [s for s in (m.decode() for m in entries) if fnmatch.fnmatchcase(s, pattern)]
             gone = []
-            for s, row in zip(ids, rows):
-                if all(v is None for v in row):
+            for s, rec in zip(ids, await self._summaries(ids) if ids else []):
+                if rec is None:
                     gone.append(s)
-                    continue
-                rec = codec.decode_record(dict(zip(summary, row)), stream_id=s)
-                rec = {k: rec[k] for k in summary}
-                rec["stream_id"] = s
-                out.append(rec)
+                else:
+                    out.append(rec)
             if gone:
                 await self._with_retry(lambda: self.client.zrem(self.index, *gone))
                 start -= len(gone)
         return out[:limit]
+
+    async def _summaries(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        async def op() -> list[Any]:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for s in ids:
+                    pipe.hmget(codec.state_key(s, self.prefix), self.SUMMARY)
+                return await pipe.execute()
+
+        out: list[dict[str, Any] | None] = []
+        for s, row in zip(ids, await self._with_retry(op)):
+            if all(v is None for v in row):
+                out.append(None)
+                continue
+            rec = codec.decode_record(dict(zip(self.SUMMARY, row)), stream_id=s)
+            out.append({**{k: rec[k] for k in self.SUMMARY}, "stream_id": s})
+        return out
+
+    async def _list_scan(self, pattern: str, limit: int) -> list[dict[str, Any]]:
+        async def keys() -> list[str]:
+            match = codec.state_key(pattern, self.prefix)
+            return [codec.stream_id_of(k) async for k in self.client.scan_iter(match=match, count=1000)]
+
+        ids = [s for s in await self._with_retry(keys) if fnmatch.fnmatchcase(s, pattern)]
+        found = [r for r in await self._summaries(ids) if r is not None]
+        found.sort(key=lambda r: -(r["updated_at"] or 0.0))
+        return found[:limit]
 
     async def reset(self, stream_id: str) -> bool:
         """Delete a stream's state and its index entry; False if there was no state."""

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 from kernels import ModelError, load_model  # noqa: E402
 from kernels.artifact import read_artifact, write_artifact  # noqa: E402
-from kernels.lstm import SMALL_N, _sigmoid, _tanh, lstm_step, pack  # noqa: E402
+from kernels.lstm import _sigmoid, _tanh, lstm_step, pack  # noqa: E402
 from tests.reference import reference_step  # noqa: E402
 from training.export import export_model  # noqa: E402
 
@@ -155,7 +155,7 @@ def test_small_and_batch_paths_agree():
     lstm, linears, acts = make_net(3, 16, 2, [(5, "relu"), (3, None)], seed=7)
     packed = pack(*numpy_weights(lstm, linears, acts))
     rng = np.random.default_rng(7)
-    n = SMALL_N + 5
+    n = packed.small_n + 5
     x, h, c = random_state(rng, n, 2, 16, 3)
     hb, cb = h.copy(), c.copy()
     yb = lstm_step(packed, x, hb, cb)
@@ -179,7 +179,7 @@ def test_fast_tanh_and_sigmoid_accuracy():
 def test_nan_input_gives_nan_not_a_number():
     lstm, linears, acts = make_net(2, 8, 1, [(2, "tanh")], seed=1)
     packed = pack(*numpy_weights(lstm, linears, acts))
-    for n in (1, SMALL_N + 1):
+    for n in (1, packed.small_n + 1):
         h, c = np.zeros((n, 1, 8), np.float32), np.zeros((n, 1, 8), np.float32)
         x = np.zeros((n, 2), np.float32)
         x[0, 0] = np.nan

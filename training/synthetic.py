@@ -2,7 +2,7 @@
 
 Each stream mixes, with its own random recipe: one to three seasonal cycles (sine, peaked,
 square on/off or sawtooth shapes, periods of 12 to 400 steps), a linear drift, a random walk,
-AR(1) or white noise with its own level, occasional natural level changes, and a scale and
+AR(1), white or heavy-tailed noise with its own level, occasional natural level changes, and a scale and
 offset of its own (from about 0.1 to about 10^4). Injected anomalies (``anomaly_rate`` > 0)
 are spikes, level shifts, flat-lines and noise bursts; ``labels`` marks their readings.
 Stream i depends only on ``(seed, i)``, so more streams never change the first ones.
@@ -60,8 +60,10 @@ def _base(rng: np.random.Generator, n: int) -> np.ndarray:
         x += rng.normal(0, 1.0) * t / n
     if rng.random() < 0.4:  # random walk
         x += np.cumsum(rng.normal(0, rng.uniform(0.005, 0.05), n))
-    noise = rng.uniform(0.0, 0.4) * (rng.random() < 0.9)
-    if rng.random() < 0.5:  # AR(1) noise
+    noise = float(np.exp(rng.uniform(np.log(0.002), np.log(0.5))))
+    if rng.random() < 0.25:  # heavy-tailed noise: single outliers the model must not chase
+        x += noise * rng.standard_t(rng.uniform(2.5, 6.0), n) * 0.7
+    elif rng.random() < 0.5:  # AR(1) noise
         phi = rng.uniform(0.3, 0.95)
         e = rng.normal(0, noise * np.sqrt(1 - phi**2), n)
         ar = np.zeros(n)

@@ -42,6 +42,7 @@ class Runtime:
         self.model = model if model is not None else load_model(settings.model)
         self.engine = Engine(self.model, threshold=settings.threshold, calm_steps=settings.calm_steps)
         self.metrics = WorkerMetrics()
+        self.metrics.lag.fn = self.lag
         self.topics = Topics(settings.input_topic, settings.predictions_topic, settings.alerts_topic,
                              settings.dlq_topic)
         self.redis_outage = Outage("redis", self.metrics)

@@ -77,10 +77,14 @@ class Scenario:
 
 
 def make_scenario(n_streams: int, n_steps: int, *, seed: int = 0, num_features: int = 1,
-                  anomaly_rate: float = 0.005, clean_steps: int = 0, period_s: float = 60.0) -> Scenario:
-    """``n_streams`` synthetic streams whose labelled anomalies all start at row >= ``clean_steps``."""
+                  anomaly_rate: float = 0.005, clean_steps: int = 0, period_s: float = 60.0,
+                  prefix: str = "") -> Scenario:
+    """``n_streams`` synthetic streams whose labelled anomalies all start at row >= ``clean_steps``;
+    ``prefix`` goes in front of every stream id."""
     dirty = generate(n_streams, n_steps, seed=seed, num_features=num_features,
                      anomaly_rate=anomaly_rate, period_s=period_s)
+    for s in dirty:
+        s.stream_id = prefix + s.stream_id
     if anomaly_rate > 0 and clean_steps > 0:
         clean = generate(n_streams, n_steps, seed=seed, num_features=num_features, anomaly_rate=0.0,
                          period_s=period_s)

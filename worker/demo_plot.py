@@ -27,24 +27,22 @@ def pick_streams(scenario: Scenario, tally: Tally, score: Score, k: int = 4) -> 
     """
     chosen: list[str] = []
 
-    def add(sid: str) -> None:
-        if sid not in chosen and len(chosen) < k:
+    def add(sid: str, limit: int = k) -> None:
+        if sid not in chosen and len(chosen) < limit:
             chosen.append(sid)
 
     caught = sorted(score.caught, key=lambda e: -(e.end - e.start))  # long episodes first
     long_ones = [e for e in caught if e.end - e.start > 1]
     spikes = [e for e in caught if e.end - e.start == 1]
-    for pair in zip(long_ones, spikes):
-        for e in pair:
-            add(e.stream_id)
-    for e in long_ones + spikes:
-        if len(chosen) >= max(1, k - 1):
-            break
-        add(e.stream_id)
+    mixed = [e for pair in zip(long_ones, spikes) for e in pair] + long_ones + spikes
+    for e in mixed:  # leave room for one miss and one false alert
+        add(e.stream_id, max(1, k - 2))
     for e in score.missed[:1]:
         add(e.stream_id)
     for sid, _ in score.false_alerts[:1]:
         add(sid)
+    for e in mixed:
+        add(e.stream_id)
     for s in scenario.streams:
         add(s.stream_id)
     return chosen
@@ -66,26 +64,22 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
         rows = np.arange(len(s.ts))
         actual = s.values[:, 0]
         ax.axvspan(-0.5, scenario.clean_steps - 0.5, color="0.85", alpha=0.5, lw=0, label="detector warm-up")
-        labelled = False
         for e in scenario.episodes:
             if e.stream_id != sid:
                 continue
-            colour = "tab:red" if (sid, e.start) in caught else "tab:purple"
-            ax.axvspan(e.start - 0.5, e.end - 0.5, color=colour, alpha=0.18, lw=0,
-                       label=None if labelled else "injected anomaly")
-            labelled = True
+            hit = (sid, e.start) in caught
+            ax.axvspan(e.start - 0.5, e.end - 0.5, color="tab:red" if hit else "tab:purple", alpha=0.18, lw=0,
+                       label="injected anomaly (caught)" if hit else "injected anomaly (missed)")
         ax.plot(rows, actual, color="0.15", lw=1.1, label="reading")
         ax.plot(rows, tally.expected[sid], color="tab:orange", lw=1.1, ls="--", label="forecast (expected)")
         alerts = [a for a in tally.alerts if a.stream_id == sid and a.row is not None]
         for a in alerts:
             ax.axvline(a.row, color="tab:red" if a.injected else "tab:blue", lw=0.8, alpha=0.7)
-        if alerts:
-            true_rows = [a.row for a in alerts if a.injected]
-            false_rows = [a.row for a in alerts if not a.injected]
-            ax.scatter(true_rows, actual[true_rows], marker="v", s=70, color="tab:red", zorder=5,
-                       label="alert (injected anomaly)")
-            ax.scatter(false_rows, actual[false_rows], marker="v", s=70, color="tab:blue", zorder=5,
-                       label="alert (no label: false)")
+        for injected, colour, label in ((True, "tab:red", "alert on an injected anomaly"),
+                                        (False, "tab:blue", "false alert (no label)")):
+            rows_hit = [a.row for a in alerts if a.injected == injected]
+            if rows_hit:
+                ax.scatter(rows_hit, actual[rows_hit], marker="v", s=70, color=colour, zorder=5, label=label)
         n_eps = sum(1 for e in scenario.episodes if e.stream_id == sid)
         n_caught = sum(1 for e in score.caught if e.stream_id == sid)
         n_false = sum(1 for a in score.false_alerts if a[0] == sid)
@@ -106,7 +100,7 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0 - 0.25 / fig.get_figheight()))
     if title:
         fig.suptitle(title, fontsize=11, y=1.0 - 0.02 / fig.get_figheight())
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

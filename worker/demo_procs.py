@@ -52,12 +52,19 @@ class Interrupts:
             raise KeyboardInterrupt
 
     def ignore(self) -> None:
-        """Ignore further signals (while stopping, so a second Ctrl-C cannot leave children behind)."""
+        """Only record further signals (while stopping, so a second Ctrl-C cannot leave children
+        behind); reinstalls the handlers in case someone replaced them meanwhile."""
         self.deferred = True
+        self.install()
+
+    def install(self) -> None:
+        """(Re)install the handlers, e.g. after ``asyncio.run`` restored the default ones."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
 
     def __enter__(self) -> Interrupts:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self.install()
         return self
 
     def __exit__(
@@ -101,6 +108,7 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | No
         pgid = os.getpgid(proc.pid)
     except ProcessLookupError:
         pgid = None
+    deadline = time.monotonic() + timeout
     if proc.poll() is None and pgid is not None:
         os.killpg(pgid, signal.SIGTERM)
         try:
@@ -109,7 +117,7 @@ def stop_group(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int | No
             pass
     if pgid is not None:
         # Also whatever the child started in its group, even if the child itself has exited.
-        deadline = time.monotonic() + 2.0
+        deadline = max(deadline, time.monotonic() + 0.5)
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if group_alive(pgid):

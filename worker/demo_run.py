@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ from rich.console import Console
 from worker.demo import Scenario, Tally, make_scenario
 from worker.demo_procs import Interrupts, spawn, stop_group
 from worker.demo_view import View, print_summary, summary_rows
-from worker.services import Service, free_port, start_broker, start_redis
+from worker.services import Service, ServiceError, free_port, start_broker, start_redis
 from worker.settings import Settings, from_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,9 +75,12 @@ class Children:
             out["worker"] = self.worker.pid
         return out
 
-    def stop(self) -> None:
+    def stop(self, hurry: bool = False) -> None:
         if self.worker is not None:
-            stop_group(self.worker, timeout=15.0)
+            # After Ctrl-C the services are going too (a terminal signals the whole foreground
+            # process group): without a broker the worker cannot commit, so do not wait long.
+            broken = hurry or any(s.proc.poll() is not None for s in self.services)
+            stop_group(self.worker, timeout=3.0 if broken else 15.0)
         for s in reversed(self.services):
             s.stop()
         if self.data_dir:
@@ -138,7 +142,7 @@ async def _wait_for(cond: Callable[[], bool], timeout: float, children: Children
         await asyncio.sleep(0.1)
 
 
-async def _read(broker: str, topic: str, handle: Callable[[bytes | None], Any], view: View) -> None:
+async def _read(broker: str, topic: str, handle: Callable[[bytes | None], Any]) -> None:
     from worker.kafka import follow
 
     async for rec in follow(broker, topic, from_beginning=True):
@@ -169,9 +173,9 @@ async def _session(opts: DemoOptions, settings: Settings, scenario: Scenario, ta
     if not view.live:
         print(f"worker pid {children.worker.pid}, log {log}", flush=True)
 
-    readers = [asyncio.create_task(_read(broker, settings.predictions_topic, tally.on_prediction, view)),
-               asyncio.create_task(_read(broker, settings.alerts_topic, tally.on_alert, view)),
-               asyncio.create_task(_read(broker, settings.dlq_topic, tally.on_dead_letter, view))]
+    readers = [asyncio.create_task(_read(broker, settings.predictions_topic, tally.on_prediction)),
+               asyncio.create_task(_read(broker, settings.alerts_topic, tally.on_alert)),
+               asyncio.create_task(_read(broker, settings.dlq_topic, tally.on_dead_letter))]
     counter = [0]
     rows = _rows(scenario, counter)
     n = len(scenario.streams)
@@ -205,6 +209,11 @@ async def _session(opts: DemoOptions, settings: Settings, scenario: Scenario, ta
         view.update()
         view.set_phase("done")
         return counter[0]
+    except asyncio.CancelledError:
+        # Interrupted: the producer's and consumers' internal tasks are torn down with the loop;
+        # their "Task was destroyed but it is pending" notes are noise here.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise
     finally:
         for r in readers:
             r.cancel()
@@ -243,17 +252,23 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
     produced = 0
     complete = False
     error: str | None = None
+    interrupted = False
     with Interrupts() as interrupts:
         try:
             interrupts.defer()  # a signal while a service starts is acted on once it can be stopped
             broker = settings.broker if external_broker else None
             redis_url = settings.redis_url if external_redis else None
-            if redis_url is None:
-                children.services.append(start_redis())
-                redis_url = children.services[-1].url
-            if broker is None:
-                children.services.append(start_broker())
-                broker = children.services[-1].url
+            try:
+                if redis_url is None:
+                    children.services.append(start_redis())
+                    redis_url = children.services[-1].url
+                if broker is None:
+                    children.services.append(start_broker())
+                    broker = children.services[-1].url
+            except ServiceError:
+                if interrupts.requested:  # a terminal's Ctrl-C also reached the starting child
+                    raise KeyboardInterrupt from None
+                raise
             interrupts.resume()
             header = (f"lstream demo: model {model.version}, {len(scenario.streams)} streams, "
                       f"{scenario.events:,} events, {len(scenario.episodes)} injected anomalies")
@@ -262,8 +277,11 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
             view = View(tally, scenario.events, header, live, console)
             try:
                 with view:
-                    produced = asyncio.run(_session(opts, settings, scenario, tally, view, children, broker,
-                                                    redis_url, env, f"lstream-demo-{run_id}", out))
+                    try:
+                        produced = asyncio.run(_session(opts, settings, scenario, tally, view, children, broker,
+                                                        redis_url, env, f"lstream-demo-{run_id}", out))
+                    finally:
+                        interrupts.install()  # asyncio.run put the default handlers back
                 complete = tally.handled >= produced
             except DemoError as exc:
                 error = str(exc)
@@ -273,12 +291,12 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
                 _keep(console, broker, redis_url, settings, scenario)
         except (KeyboardInterrupt, asyncio.CancelledError):
             interrupts.ignore()
+            interrupted = True
             console.print("interrupted: stopping the worker, the broker and redis-server")
-            children.stop()
             return 130
         finally:
             interrupts.ignore()  # a second Ctrl-C must not leave children behind
-            children.stop()
+            children.stop(hurry=interrupted)
             if external_redis and redis_url:
                 _forget_states(redis_url, [s.stream_id for s in scenario.streams])
     if error is not None:
@@ -302,7 +320,7 @@ def _report(console: Console, live: bool, opts: DemoOptions, scenario: Scenario,
     seconds = time.monotonic() - t0
     print_summary(console, summary_rows(tally, score, produced, seconds), live)
     if not complete:
-        console.print(f"incomplete: the worker handled {tally.handled} of {produced} events")
+        console.print(f"incomplete: the worker handled {tally.handled} of {produced} events", soft_wrap=True)
     _write_summary(out / "summary.json", {
         "model": model_version, "streams": len(scenario.streams), "produced": produced,
         "applied": tally.predictions, "rejected": tally.dead_letters, "rejected_by_code": tally.dead_codes,
@@ -311,7 +329,8 @@ def _report(console: Console, live: bool, opts: DemoOptions, scenario: Scenario,
         "foreign_records": tally.foreign, "complete": complete, "wall_seconds": round(seconds, 2),
         "plot": str(png), "pids": children.pids(),
     })
-    console.print(f"plot: {png}   numbers: {out / 'summary.json'}   worker log: {out / 'worker.log'}")
+    console.print(f"plot: {png}   numbers: {out / 'summary.json'}   worker log: {out / 'worker.log'}",
+                  soft_wrap=True, highlight=False)
 
 
 def _hints(console: Console, scenario: Scenario, tally: Tally) -> None:
@@ -323,7 +342,7 @@ def _hints(console: Console, scenario: Scenario, tally: Tally) -> None:
         f"  lstream state show {sid:<16} # (with --keep) the stream's LSTM state in Redis",
         "  lstream tail alerts --from-beginning  # (with --keep) the alerts topic",
         "  lstream dev                         # just the broker and Redis; then lstream worker, produce, tail",
-    ]), highlight=False, markup=False)
+    ]), highlight=False, markup=False, soft_wrap=True)
 
 
 def _keep(console: Console, broker: str, redis_url: str, settings: Settings, scenario: Scenario) -> None:
@@ -339,7 +358,7 @@ def _keep(console: Console, broker: str, redis_url: str, settings: Settings, sce
         f"lstream state show {sid}", "lstream tail alerts --from-beginning",
         "lstream produce --synthetic 48 --steps 200 --rate 100 --ts-now",
         "Ctrl-C here stops everything.",
-    ]), highlight=False, markup=False)
+    ]), highlight=False, markup=False, soft_wrap=True)
     while True:
         time.sleep(1.0)
 

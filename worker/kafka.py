@@ -10,7 +10,9 @@ Why no consumer group in :func:`follow`: joining one on the Tansu broker takes h
 session timeout, and a viewer needs no committed offsets. Why not ``end_offsets()``: Tansu
 answers with the first offset of the last record batch, not the end, so "start at the end"
 (``from_beginning=False``) starts there and then skips records written before the call
-(by their timestamp), which is right on any broker.
+(by their timestamp), which is right on any broker. Why ``fetch_max_wait_ms=100``: Tansu holds
+a fetch that finds nothing for the whole wait even when records arrive meanwhile, so the
+wait is the display latency (aiokafka's default 500 ms made it about a second).
 
 >>> bootstrap("kafka://127.0.0.1:9092;10.0.0.2:9093")
 '127.0.0.1:9092,10.0.0.2:9093'
@@ -163,7 +165,7 @@ async def follow(broker_url: str, topic: str, *, from_beginning: bool = False,
     start_ms = int(time.time() * 1000)
     deadline = None if timeout is None else time.monotonic() + timeout
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap(broker_url), group_id=None,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+                                enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100)
     try:
         await consumer.start()
     except KafkaConnectionError as exc:

@@ -14,7 +14,7 @@ from typing import Any
 
 from state.errors import StateError
 
-PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+PROMETHEUS = "text/plain; version=0.0.4"  # aiohttp adds "; charset=utf-8"
 
 
 def health(runtime: Any) -> tuple[int, dict[str, Any]]:
@@ -85,7 +85,7 @@ def add_views(app: Any, runtime: Any) -> None:
 
     class MetricsView(View):
         async def get(self, request: Any) -> Any:
-            return self.bytes(runtime.metrics.render().encode(), content_type=PROMETHEUS)
+            return self.text(runtime.metrics.render(), content_type=PROMETHEUS)
 
     # Stream ids may contain '/', ':' and '@': match the rest of the path.
     app.page("/streams/{stream_id:.+}", name="lstream-stream")(StreamView)

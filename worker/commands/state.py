@@ -75,7 +75,7 @@ def _model_dims(model_dir: str) -> tuple[str | None, int | None, int | None]:
 
 
 def _dump(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+    sys.stdout.write(orjson.dumps(doc).decode() + "\n")
     sys.stdout.flush()
 
 
@@ -137,12 +137,12 @@ def print_show(doc: Mapping[str, Any]) -> None:
     Console(highlight=False).print(table)
 
 
-async def list_streams(url: str, pattern: str, limit: int) -> list[dict[str, Any]]:
+async def list_streams(url: str, pattern: str, limit: int, scan: bool = False) -> list[dict[str, Any]]:
     import time
 
     store = await _connect(url)
     try:
-        rows = await store.list(pattern=pattern, limit=limit)
+        rows = await store.list(pattern=pattern, limit=limit, scan=scan)
     finally:
         await store.close()
     now = time.time()
@@ -156,12 +156,13 @@ def print_list(rows: list[dict[str, Any]], pattern: str) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
+    console.width = max(console.width, 120)  # no terminal: rich assumes 80 columns and cuts the times
     if not rows:
-        console.print(f"no streams matching {pattern!r} in the index", markup=False)
+        console.print(f"no streams matching {pattern!r}", markup=False)
         return
     table = Table(title_justify="left")
     for col in ("stream", "model", "steps", "position (p/offset/i)", "last event time", "updated"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(r["stream_id"], str(r["model"]), str(r["steps"]),
                       f"{r['partition']}/{r['offset']}/{r['index']}", _when(r["ts"]), ago(r["age"]))
@@ -206,6 +207,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     sp.add_argument("--pattern", default="*", help="glob on the stream id (default *)")
     sp.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     sp.add_argument("--json", action="store_true", help="a JSON list")
+    sp.add_argument("--scan", action="store_true",
+                    help="walk the keys (SCAN) instead of the index: slower, finds streams the index lacks")
     common(sp)
     sp = sub.add_parser("reset", help="delete one stream's state")
     sp.add_argument("stream_id", metavar="ID")
@@ -231,7 +234,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.action == "list":
         if args.limit < 1:
             raise CliError(f"--limit: expected a count >= 1, got {args.limit}")
-        rows = asyncio.run(list_streams(url, args.pattern, args.limit))
+        rows = asyncio.run(list_streams(url, args.pattern, args.limit, args.scan))
         if args.json:
             _dump(rows)
         else:
