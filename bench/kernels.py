@@ -202,13 +202,13 @@ def _run(sizes: list[tuple[int, int, int]], min_time: float, how: str) -> None:
           f"env {env or 'no OPENBLAS_* set'}")
     print("CPU microseconds per stream-step, best of 7 interleaved rounds; floor = LSTM FLOPs / "
           "best single-thread float32 matmul rate of the same rounds")
+    if "OPENBLAS_CORETYPE" in env or "OPENBLAS_L2_SIZE" in env:
+        print(f"note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set; matmul rate {rate_without_openblas_env()}")
     header = (f"{'I':>3} {'H':>4} {'L':>2} | {'torch n=1':>9} {'lstream n=1':>11} {'torch/ls':>8} | "
               f"{'torch n=256':>11} {'lstream n=256':>13} {'floor':>7} {'ls/floor':>8} {'torch/ls':>8} | "
               f"{'GFLOP/s':>7}")
     print(header)
     print("-" * len(header))
-    if "OPENBLAS_CORETYPE" in env or "OPENBLAS_L2_SIZE" in env:
-        print(f"note: OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE are set; matmul rate {rate_without_openblas_env()}")
     matmuls = [matmul_caller(k, g4) for k, g4 in RATE_SHAPES]
     with tempfile.TemporaryDirectory() as tmp:
         for n_in, hid, n_layers in sizes:

@@ -1,35 +1,102 @@
-"""Per-stream online anomaly detector on forecast errors.
+"""Per-stream online anomaly detector: forecast-error records, step records and range novelty.
 
-First version: a running z-score of the error's size. Each stream keeps an exponentially
-weighted mean and variance of ``e_t = |x_t - expected_t|`` (model units, RMS over features);
-the score is the normal CDF of e_t's z-score against the statistics before e_t, so it lies
-in [0, 1]. A stream scores 0 until it has seen ``warmup`` errors.
+Each kind of evidence is judged against the stream's own recent history, so one setting
+serves streams of any scale and noise level:
 
-Per-stream state (``anomaly`` in Redis, float64): ``FIELDS``.
+- **Error record.** ``e_t`` is the forecast error's size in model units (RMS over features),
+  smoothed over ``smooth`` steps: ``s_t = s + (e_t - s) / smooth``. Its *record* ``R`` is the
+  largest smoothed error of the last ``BLOCKS * block`` steps (kept as the maxima of
+  ``BLOCKS`` blocks of ``block`` steps: a sliding window in constant space), and
+  ``g1 = s_t / R``. A nonparametric tail test, like Telemanom's dynamic thresholds on
+  smoothed errors: forecast errors are heavy-tailed, and a Gaussian tail probability on them
+  (Numenta's anomaly likelihood) did much worse on NAB.
+- **Step record** (optional, ``persistence`` > 0). The same on the change since the last
+  reading, in units of the range seen so far (``g2``): the error of the naive "no change"
+  forecast. The two combine as ``g = g1^(1-w) * g2^w`` (``w = persistence``), so a reading
+  must surprise both the LSTM and the naive forecast. Off by default: on NAB it helped a
+  weak forecaster (+2 points) but not the default model (-2).
+- **Range novelty** (the "spatial anomaly" of Numenta's and ARTime's NAB detectors): a reading
+  outside every value the stream has shown so far (widened by ``tol`` times that range).
+
+The score is ``g / (1 + g)`` (0.5 when the evidence equals its recent record), or 1 on range
+novelty; 0 during the first ``warmup`` errors. After a score at or over ``threshold`` the
+next ``refractory`` scores are multiplied by ``damp``, so one event is reported once.
+
+Per-stream state (``anomaly`` in Redis, float64, :func:`field_names`; 24 + 3F numbers):
+``count`` (errors seen), ``quiet`` (refractory steps left), ``blk_fill`` and ``ring_pos``
+(the running block's length and the ring's next slot); per channel (``err_``, ``step_``):
+``smooth`` (``s``), ``blk_max`` (the running block's maximum) and ``ring_0..7`` (maxima of
+the last 8 blocks); per feature: ``lo``, ``hi`` (range seen) and ``last`` (last reading).
+
+Cost: a pass over 16 numbers and the features per event: about 0.1 microsecond a stream in
+a batch (5 microseconds for a call with one stream, mostly call overhead).
 
 >>> import numpy as np
->>> p = params({"warmup": 2, "window": 100})
->>> st = np.zeros((1, len(FIELDS)))
+>>> p = params({"warmup": 20, "block": 4, "persistence": 0.5})
+>>> st = np.zeros((1, state_size(1)))
 >>> out = np.zeros(1)
->>> for e in [0.1, 0.12, 0.09, 0.11, 2.0]:
-...     update(st, np.array([[e]]), np.array([True]), p, out)
->>> bool(out[0] > 0.999)
+>>> rng = np.random.default_rng(0)
+>>> cycle = [0.0, 1.0, 2.0, 3.0, 4.0, 3.0, 2.0, 1.0]
+>>> scores = []
+>>> for t in range(40):
+...     x = np.array([[cycle[t % 8]]])
+...     update(st, np.array([[0.1 * rng.normal()]]), x, np.array([t > 0]), p, out)
+...     scores.append(float(out[0]))
+>>> max(scores[21:]) < 0.6  # a steady cycle, noisy forecasts: nothing stands out
 True
+>>> update(st, np.array([[3.0]]), np.array([[4.0]]), np.array([True]), p, out)  # an unforeseen jump
+>>> bool(out[0] > 0.75)
+True
+>>> update(st, np.array([[0.0]]), np.array([[7.0]]), np.array([True]), p, out)  # outside the range
+>>> float(out[0])  # range novelty scores 1, damped: the last event's refractory period runs
+0.5
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-FIELDS = ("count", "err_mean", "err_var")
+BLOCKS = 8  # blocks in the sliding window of recent error maxima (fixed: part of the state layout)
 
-# threshold and calm_steps are read by the engine (episodes); the rest by update().
-DEFAULTS: dict[str, float] = {"threshold": 0.999, "calm_steps": 20, "window": 1000.0, "warmup": 50.0}
+FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
+          "err_smooth", "err_blk_max", *(f"err_ring_{k}" for k in range(BLOCKS)),
+          "step_smooth", "step_blk_max", *(f"step_ring_{k}" for k in range(BLOCKS)),
+          "lo", "hi", "last")
+_FIXED = len(FIELDS) - 3  # the per-feature lo, hi, last follow the fixed part
+
+# threshold and calm_steps are read by the engine (episodes); update() reads the rest and the
+# threshold (the refractory period starts at a score at or over it).
+DEFAULTS: dict[str, float] = {
+    "threshold": 0.56,  # NAB's corpus-optimal threshold for these settings (default model) is 0.559
+    "calm_steps": 20,
+    "smooth": 2.0,  # steps the error is averaged over
+    "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
+    "warmup": 150.0,  # errors seen before anything is scored
+    "tol": 0.0,  # range novelty: margin beyond the seen range, as a fraction of it (< 0: off)
+    "refractory": 20.0,  # steps damped after a score at or over the threshold
+    "damp": 0.5,  # factor on the scores of those steps
+    "persistence": 0.0,  # weight of the step-change record against the forecast-error record (0: off)
+}
+
+
+def state_size(num_features: int) -> int:
+    """Length of a stream's ``anomaly`` vector for a model with ``num_features`` inputs."""
+    return _FIXED + 3 * num_features
+
+
+def field_names(num_features: int) -> tuple[str, ...]:
+    """Names of the ``anomaly`` vector's entries (``FIELDS`` for one feature).
+
+    >>> field_names(2)[-6:]
+    ('lo_0', 'lo_1', 'hi_0', 'hi_1', 'last_0', 'last_1')
+    """
+    if num_features == 1:
+        return FIELDS
+    return FIELDS[:_FIXED] + tuple(f"{name}_{j}" for name in ("lo", "hi", "last") for j in range(num_features))
 
 
 def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:
@@ -42,34 +109,122 @@ def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:
 def params(cfg: Mapping[str, Any] | None) -> np.ndarray:
     """The parameter vector :func:`update` takes."""
     c = config(cfg)
-    return np.array([c["window"], c["warmup"]], dtype=np.float64)
+    for key in ("smooth", "block"):
+        if c[key] < 1:
+            raise ValueError(f"detector {key}: expected at least 1, got {c[key]}")
+    if not 0.0 <= c["persistence"] <= 1.0:
+        raise ValueError(f"detector persistence: expected a number in [0, 1], got {c['persistence']}")
+    return np.array([c["smooth"], c["block"], c["warmup"], c["tol"], c["refractory"], c["damp"],
+                     c["threshold"], c["persistence"]], dtype=np.float64)
 
 
 @njit(cache=True)
-def update(state: np.ndarray, err: np.ndarray, valid: np.ndarray, p: np.ndarray, score: np.ndarray) -> None:
-    """Fold errors ``err`` (n, F) into ``state`` (n, len(FIELDS)); write ``score`` (n,).
+def _ratio(s: float, rec: float) -> float:
+    # How far s exceeds the record; a stream that was perfectly quiet so far counts as far.
+    if rec > 0.0:
+        return s / rec
+    return 1e9 if s > 0.0 else 0.0
 
-    Streams with ``valid[i]`` False (no forecast to compare yet) score 0 and keep their state.
+
+@njit(cache=True)
+def _fold(st: np.ndarray, at: int, s: float, full: bool, pos: int) -> None:
+    # Channel at st[at]: [smooth, block max, ring...]; s joins the running block.
+    st[at] = s
+    m = max(st[at + 1], s)
+    if full:
+        st[at + 2 + pos] = m
+        m = 0.0
+    st[at + 1] = m
+
+
+@njit(cache=True)
+def _record(st: np.ndarray, at: int) -> float:
+    rec = st[at + 1]
+    for k in range(BLOCKS):
+        rec = max(rec, st[at + 2 + k])
+    return rec
+
+
+@njit(cache=True)
+def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray, p: np.ndarray,
+           score: np.ndarray) -> None:
+    """Fold errors ``err`` (n, F) and readings ``x`` (n, F) into ``state`` (n, D); write ``score`` (n,).
+
+    ``err`` is the reading minus the previous forecast in model units; ``x`` the reading in
+    sensor units. Streams with ``valid[i]`` False (their first reading: no forecast to compare
+    yet) score 0; only their range and last reading are updated.
     """
-    window, warmup = p[0], p[1]
+    smooth, block, warmup, tol, refractory, damp, threshold, w = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
     n, f = err.shape
+    lo0 = _FIXED
+    hi0 = lo0 + f
+    last0 = hi0 + f
     for i in range(n):
+        st = state[i]
+        count = st[0]
+        first = count == 0.0 and not valid[i]
+        # Range novelty and the change since the last reading (in units of the range), both
+        # judged before this reading widens the range.
+        novel = False
+        acc = 0.0
+        for j in range(f):
+            v = x[i, j]
+            if first:
+                st[lo0 + j] = v
+                st[hi0 + j] = v
+                st[last0 + j] = v
+                continue
+            lo, hi = st[lo0 + j], st[hi0 + j]
+            margin = tol * (hi - lo)
+            if tol >= 0.0 and (v > hi + margin or v < lo - margin):
+                novel = True
+            if hi > lo:
+                d = min(abs(v - st[last0 + j]) / (hi - lo), 1e100)  # finite even for a tiny range
+                acc += d * d
+            st[lo0 + j] = min(lo, v)
+            st[hi0 + j] = max(hi, v)
+            st[last0 + j] = v
         if not valid[i]:
             score[i] = 0.0
             continue
+        d = np.sqrt(acc / f)
         acc = 0.0
         for j in range(f):
             acc += err[i, j] * err[i, j]
-        e = math.sqrt(acc / f)
-        count, mean, var = state[i, 0], state[i, 1], state[i, 2]
-        if count >= warmup and var > 0.0:
-            z = (e - mean) / math.sqrt(var)
-            score[i] = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
-        else:
-            score[i] = 0.0
+        e = np.sqrt(acc / f)
         count += 1.0
-        a = max(1.0 / count, 1.0 / window)
-        d = e - mean
-        state[i, 0] = count
-        state[i, 1] = mean + a * d
-        state[i, 2] = (1.0 - a) * (var + a * d * d)
+        a = 1.0 / min(count, smooth)
+        s1 = e if count == 1.0 else st[4] + a * (e - st[4])
+        s2 = d if count == 1.0 else st[14] + a * (d - st[14])
+        raw = 0.0
+        if count > warmup:
+            g1 = _ratio(s1, _record(st, 4))
+            g2 = _ratio(s2, _record(st, 14))
+            if w <= 0.0:
+                g = g1
+            elif w >= 1.0:
+                g = g2
+            else:
+                g = g1 ** (1.0 - w) * g2 ** w
+            raw = g / (1.0 + g)
+            if novel:
+                raw = 1.0
+        quiet = st[1]
+        if quiet > 0.0:
+            quiet -= 1.0
+            raw *= damp
+        elif raw >= threshold:
+            quiet = refractory
+        score[i] = min(max(raw, 0.0), 1.0)
+        # Both channels join the running block; a full block enters the ring.
+        fill = st[2] + 1.0
+        full = fill >= block
+        pos = int(st[3])
+        _fold(st, 4, s1, full, pos)
+        _fold(st, 14, s2, full, pos)
+        if full:
+            st[3] = float((pos + 1) % BLOCKS)
+            fill = 0.0
+        st[0] = count
+        st[1] = quiet
+        st[2] = fill

@@ -31,7 +31,7 @@ class StreamStates:
     pred: np.ndarray  # float32 (n, F): forecast of the next reading, model units; NaN before step 1
     steps: np.ndarray  # int64 (n,)
     norm: np.ndarray  # float64 (n, 1+2F): kernels.norm statistics (stream mode)
-    anomaly: np.ndarray  # float64 (n, D): kernels.detector.FIELDS
+    anomaly: np.ndarray  # float64 (n, D): kernels.detector.field_names(F)
     episode: np.ndarray  # int64 (n,): -1 outside an episode, else steps under threshold so far
 
     def __len__(self) -> int:
@@ -46,7 +46,7 @@ class StreamStates:
             pred=np.full((n, num_features), np.nan, np.float32),
             steps=np.zeros(n, np.int64),
             norm=np.zeros((n, stats_size(num_features))),
-            anomaly=np.zeros((n, len(detector.FIELDS))),
+            anomaly=np.zeros((n, detector.state_size(num_features))),
             episode=np.full(n, -1, np.int64),
         )
 
@@ -105,7 +105,7 @@ class Engine:
         expected = np.where(seen[:, None], pred * std + mean, np.nan)
         err = np.where(seen[:, None], norm.scale(x, mean, std) - pred, 0.0)
         score = np.zeros(n)
-        detector.update(st.anomaly, err, seen, self.detector_params, score)
+        detector.update(st.anomaly, err, x, seen, self.detector_params, score)
 
         norm.observe(st.norm, x)
         mean, std = norm.current(st.norm)

@@ -11,9 +11,10 @@ bare ``host:port``). Async functions end in ``_async``; the sync wrappers run th
 
 Tansu quirks (the embedded broker, ``worker.services.start_broker``), measured with aiokafka 0.14:
 
-- ``end_offsets()`` is wrong: after 10,000 records on partition 0 it answered 9,563 (and 0 for
-  a partition holding records in another run). Never use it, nor ``highwater``/lag, to decide
-  whether a topic is drained; count records by reading them (:func:`read_all` does).
+- ``end_offsets()`` is wrong: it answers the last record *batch*'s first offset + 1, not the
+  last record's offset + 1 (batches of 5, 3, 7, 1 records at offsets 0-15 gave 1, 6, 9, 16).
+  Never use it, nor ``highwater``/lag or ``seek_to_end()``, to decide whether a topic is
+  drained or where "new" starts; count records by reading them (:func:`read_all` does).
 - Record offsets themselves are right: consecutive per partition, starting at 0.
 - Consumer-group join takes about half of ``session_timeout_ms`` (5 s at 10,000 ms, 15 s at
   the default 30,000 ms) before the first fetch. Tests that need no group should ``assign()``

@@ -22,7 +22,19 @@ import pytest
 from worker.demo_procs import alive
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--streams", "6", "--steps", "120", "--seconds", "3", "--no-live"]
+
+
+def _steps() -> int:
+    """Readings per stream: the model's detector warm-up, then 80 scored readings."""
+    from kernels.artifact import read_artifact
+    from kernels.detector import config
+    from worker.settings import from_env
+
+    return int(config(read_artifact(from_env(os.environ).model).meta.get("detector"))["warmup"]) + 90
+
+
+STEPS = _steps()
+SMALL = ["--streams", "6", "--steps", str(STEPS), "--seconds", "3", "--no-live"]
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +79,14 @@ def test_demo_runs_adds_up_and_leaves_nothing(tmp_path: Path) -> None:
     wall = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["produced"] == 6 * 120
+    assert summary["produced"] == 6 * STEPS
     assert summary["applied"] == summary["produced"] and summary["rejected"] == 0
     assert summary["complete"] is True and summary["foreign_records"] == 0
     assert summary["caught"] + summary["missed"] == summary["injected_anomalies"]
     assert summary["caught"] <= summary["alerts"] and summary["false_alerts"] <= summary["alerts"]
     alert_lines = [line for line in proc.stdout.splitlines() if line.startswith("ALERT ")]
     assert len(alert_lines) == summary["alerts"], proc.stdout
-    assert re.search(rf"events applied\s+{summary['applied']} ", proc.stdout), proc.stdout
+    assert re.search(rf"events applied\s+{summary['applied']:,} ", proc.stdout), proc.stdout
     png = out_dir / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert (out_dir / "worker.log").stat().st_size > 0

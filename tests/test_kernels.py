@@ -166,6 +166,43 @@ def test_small_and_batch_paths_agree():
         np.testing.assert_allclose(hs[0], hb[s], rtol=0, atol=2e-6)
 
 
+def test_varying_batch_sizes_reuse_buffers_correctly():
+    """Workspace buffers are reused across calls of different n: each call still matches."""
+    lstm, linears, acts = make_net(4, 24, 3, [(4, None)], seed=11)
+    layers, head = numpy_weights(lstm, linears, acts)
+    packed = pack(layers, head)
+    rng = np.random.default_rng(11)
+    for n in (300, 17, 300, 40, 1, 2, 129):
+        x, h, c = random_state(rng, n, 3, 24, 4)
+        ry, rh, rc = reference_step(layers, head, x, h, c)
+        y = lstm_step(packed, x, h, c)
+        np.testing.assert_allclose(y, ry, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(h, rh, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(c, rc, rtol=0, atol=1e-5)
+
+
+def test_threads_stepping_one_model_do_not_share_scratch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    lstm, linears, acts = make_net(3, 32, 2, [(3, "tanh")], seed=5)
+    packed = pack(*numpy_weights(lstm, linears, acts))
+    rng = np.random.default_rng(5)
+    xs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (1, 64, 1, 64)]
+
+    def run(x):
+        h = np.zeros((x.shape[0], 2, 32), np.float32)
+        c = np.zeros_like(h)
+        for _ in range(200 if not NO_JIT else 3):
+            y = lstm_step(packed, x, h, c)
+        return y, h
+
+    alone = [run(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, xs))
+    for (y1, h1), (y2, h2) in zip(alone, together):
+        assert np.array_equal(y1, y2) and np.array_equal(h1, h2)
+
+
 def test_fast_tanh_and_sigmoid_accuracy():
     xs = np.linspace(-20, 20, 20001).astype(np.float32)
     exact = np.tanh(xs.astype(np.float64))
@@ -177,7 +214,7 @@ def test_fast_tanh_and_sigmoid_accuracy():
 
 
 def test_nan_input_gives_nan_not_a_number():
-    lstm, linears, acts = make_net(2, 8, 1, [(2, "tanh")], seed=1)
+    lstm, linears, acts = make_net(2, 8, 1, [(3, "relu"), (2, "tanh")], seed=1)
     packed = pack(*numpy_weights(lstm, linears, acts))
     for n in (1, packed.small_n + 1):
         h, c = np.zeros((n, 1, 8), np.float32), np.zeros((n, 1, 8), np.float32)
@@ -200,11 +237,19 @@ def test_step_rejects_bad_arrays_with_expected_vs_got():
         ((x, np.zeros((3, 1, 4), np.float32), c), r"h: expected .*\(3, 2, 4\), got float32 \(3, 1, 4\)"),
         ((x, h, np.zeros((3, 2, 8), np.float32)[:, :, ::2]), r"c: expected .*C-contiguous.*not C-contiguous"),
         ((x, h, h), r"h, c: expected two separate arrays"),
+        ((x, h[:], h), r"h, c: expected two separate arrays"),
+        ((x, h, h.reshape(3, 2, 4)), r"h, c: expected two separate arrays"),
+        ((x, np.zeros((2, 3, 2, 4), np.float32)[0], h), None),  # views of other arrays: fine
         (([[0.0, 0.0]] * 3, h, c), r"x: expected .*got list"),
     ]
     for args, pattern in cases:
+        if pattern is None:
+            lstm_step(packed, *args)
+            continue
         with pytest.raises(ValueError, match=pattern):
             lstm_step(packed, *args)
+    hc = np.zeros((2, 3, 2, 4), np.float32)  # h and c side by side in one buffer: allowed
+    lstm_step(packed, x, hc[0], hc[1])
     assert lstm_step(packed, np.zeros((0, 2), np.float32), np.zeros((0, 2, 4), np.float32),
                      np.zeros((0, 2, 4), np.float32)).shape == (0, 2)
 

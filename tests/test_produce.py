@@ -143,3 +143,20 @@ def test_events_are_contract_json() -> None:
 
     doc = json.loads(event_json("a.b:c/d@e-1", 0, 1.25, [1.0, -2.5]))
     assert doc == {"stream_id": "a.b:c/d@e-1", "ts": 1.25, "values": [1.0, -2.5], "event_id": "a.b:c/d@e-1:0"}
+
+
+def test_stream_column_and_columns(broker_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    topic = ku.unique_topic("produce-col")
+    path = tmp_path / "site.csv"
+    path.write_text("timestamp,machine,temp,load,note\n"
+                    "100,m1,20.5,0.5,x\n100,m2,30.0,0.7,y\n160,m1,21.0,0.6,z\n")
+    argv = ["produce", str(path), "--stream-column", "machine", "--columns", "load,temp"]
+    assert main(argv, _env(broker_url, topic)) == 0
+    assert "produced 3 events from 2 streams" in capsys.readouterr().out
+    events = sorted((r.json() for r in ku.read_all(broker_url, topic, count=3, timeout=20)),
+                    key=lambda e: e["event_id"])
+    assert events == [
+        {"stream_id": "m1", "ts": 100.0, "values": [0.5, 20.5], "event_id": "m1:0"},
+        {"stream_id": "m1", "ts": 160.0, "values": [0.6, 21.0], "event_id": "m1:1"},
+        {"stream_id": "m2", "ts": 100.0, "values": [0.7, 30.0], "event_id": "m2:0"},
+    ]

@@ -13,7 +13,6 @@ from kernels import load_model
 from kernels.engine import Engine
 from kernels.norm import Normalizer, stats_size
 from training.csvdata import Series, read_csv
-from training.export import export_model
 from training.replay import replay_series, replay_streams
 from training.synthetic import generate, write_csv
 from worker.cli import main

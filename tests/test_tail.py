@@ -80,3 +80,12 @@ def test_bad_input_one_line_exit_2(argv: list[str], needle: str, capsys: pytest.
         code = int(exc.code or 0)
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+def test_unreachable_broker_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.services import free_port
+
+    env = {"LSTREAM_BROKER": f"kafka://127.0.0.1:{free_port()}"}
+    assert main(["tail", "predictions", "--max", "1", "--timeout", "5"], env) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach the Kafka broker" in err and err.count("\n") == 1, err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +131,14 @@ def test_default_model_is_small_loads_and_retrains(tmp_path: Path) -> None:
     result = train(streams, TrainConfig(**recorded))
     assert result.history["train"][-1] < result.history["train"][0]
     assert result.history["val"][-1] < result.history["val"][0]
+
+
+def test_train_on_synthetic_data_records_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "train", "--synthetic", "2", "--synthetic-steps", "300", "--epochs", "2",
+                        "--out", str(tmp_path / "syn"), *TINY)
+    assert code == 0, err
+    data = load_model(tmp_path / "syn").meta["training"]["data"]
+    assert data == [{"synthetic": {"streams": 2, "steps": 300, "seed": 0, "features": 1, "anomaly_rate": 0.0,
+                                   "generator": "training/synthetic.py"}}]
+    code, _, err = _cli(capsys, "train", "--out", str(tmp_path / "none"), "--quiet")
+    assert code == 2 and "expected CSV files or --synthetic N" in err

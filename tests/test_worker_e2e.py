@@ -32,7 +32,7 @@ from training.replay import replay_streams
 from worker.services import free_port
 
 from tests import kafkautil as ku
-from tests.workerutil import ROOT, series_data, small_model
+from tests.workerutil import ROOT, series_data, small_model, spike_series
 
 pytestmark = pytest.mark.slow
 
@@ -120,11 +120,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _streams(prefix: str, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     data = [(f"{prefix}-{sid}", ts, vals) for sid, ts, vals in series_data(N_STREAMS, N_STEPS, seed=seed)]
     # Stream 0: a calm seasonal signal with one injected spike (one anomalous episode).
-    rng = np.random.default_rng(seed + 1)
-    t = np.arange(N_STEPS, dtype=np.float64)
-    vals = 20.0 + 5.0 * np.sin(2 * np.pi * t / 25.0) + 0.05 * rng.normal(size=N_STEPS)
-    vals[200] += 60.0
-    data[0] = (data[0][0], data[0][1], vals[:, None])
+    data[0] = (data[0][0], data[0][1], spike_series(N_STEPS, 200))
     return data
 
 
@@ -189,7 +185,8 @@ def _assert_states_match(loaded, ids: list[str], offline) -> None:
         np.testing.assert_allclose(loaded.states.c[i], fin.c[0], atol=2e-5, err_msg=sid)
         np.testing.assert_allclose(loaded.states.pred[i], fin.pred[0], atol=2e-5, err_msg=sid)
         np.testing.assert_allclose(loaded.states.norm[i], fin.norm[0], rtol=1e-12, err_msg=sid)
-        np.testing.assert_allclose(loaded.states.anomaly[i], fin.anomaly[0], rtol=1e-6, atol=1e-9, err_msg=sid)
+        # detector statistics are built from forecast errors: float32 rounding, as h and c
+        np.testing.assert_allclose(loaded.states.anomaly[i], fin.anomaly[0], rtol=1e-4, atol=1e-6, err_msg=sid)
         assert loaded.states.episode[i] == fin.episode[0], sid
 
 
@@ -383,6 +380,7 @@ def test_http_views(run):
     assert values['lstream_stage_seconds_count{stage="kernel"}'] == values["lstream_batches_total"]
     assert any(k.startswith("lstream_redis_roundtrip_seconds_bucket") for k in values)
     assert "# TYPE lstream_consumer_lag gauge" in text
+    assert values['lstream_up{service="redis"}'] == 1 and values['lstream_up{service="broker"}'] == 1
 
 
 def test_sigterm_stops_cleanly(run):
@@ -393,7 +391,8 @@ def test_sigterm_stops_cleanly(run):
 # ------------------------------------------------------------- crash test
 
 
-def test_sigkill_mid_run_then_restart_applies_every_event_once(broker_url, redis_url, model_dir, tmp_path):
+def test_sigterm_then_sigkill_mid_run_then_two_workers_apply_every_event_once(broker_url, redis_url, model_dir,
+                                                                           tmp_path):
     uid = uuid.uuid4().hex[:6]
     topics = _topics("kill")
     data = _streams(f"kill{uid}", seed=5)
@@ -405,41 +404,146 @@ def test_sigkill_mid_run_then_restart_applies_every_event_once(broker_url, redis
     offline = _offline(model_dir, data)
     total = N_STREAMS * N_STEPS
     log = tmp_path / "worker.log"
-    # Small batches so that the kill lands in the middle of the run.
+    # Small batches so that the stops land in the middle of the run.
     args = ("--batch-size", "20", "--batch-wait", "0.01")
+
+    # 1. SIGTERM mid-run: the batch in hand is finished and committed, exit code 0.
     w = Worker(broker_url, redis_url, model_dir, topics, f"kill-{uid}", log, *args)
     try:
-        applied_at_kill = w.wait_metric("lstream_events_applied_total", total // 3, timeout=120)
+        first = w.wait_metric("lstream_events_applied_total", total // 5, timeout=120)
+        assert w.stop(signal.SIGTERM) == 0, w.tail()
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+    assert first < total, "the worker finished before it was stopped: the test proved nothing"
+
+    # 2. A graceful stop committed what it applied: the next worker replays nothing. SIGKILL it.
+    w = Worker(broker_url, redis_url, model_dir, topics, f"kill-{uid}", log, *args)
+    try:
+        second = w.wait_metric("lstream_events_applied_total", total // 5, timeout=120)
+        replayed_after_sigterm = w.metric("lstream_replayed_skipped_total")
         w.proc.send_signal(signal.SIGKILL)
         w.proc.wait(10)
     finally:
         if w.proc.poll() is None:
             w.proc.kill()
-    assert applied_at_kill < total, "the worker finished before it was killed: the test proved nothing"
-    w2 = Worker(broker_url, redis_url, model_dir, topics, f"kill-{uid}", log, *args)
+    assert replayed_after_sigterm == 0
+    assert first + second < total, "the worker finished before it was killed: the test proved nothing"
+
+    # 3. After SIGKILL, two workers share the partitions: uncommitted events are read again and
+    #    those already in a state are skipped; each partition has one owner.
+    ws = [Worker(broker_url, redis_url, model_dir, topics, f"kill-{uid}", tmp_path / f"worker{k}.log", *args)
+          for k in range(2)]
     try:
-        w2.wait_metric("lstream_predictions_total", 1, timeout=120)
         deadline = time.monotonic() + 120
         while True:
+            for w in ws:
+                w.check_alive()
             loaded = asyncio.run(_load_states(redis_url, model_dir, ids))
             if (loaded.states.steps == N_STEPS).all() or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        replayed = w2.metric("lstream_replayed_skipped_total")
-        assert w2.stop(signal.SIGTERM) == 0
+        owned = [set(json.loads(w.get("/healthz")[1])["assigned_partitions"]) for w in ws]
+        applied = [w.metric("lstream_events_applied_total") for w in ws]
+        assert [w.stop(signal.SIGTERM) for w in ws] == [0, 0]
     finally:
-        if w2.proc.poll() is None:
-            w2.proc.kill()
+        for w in ws:
+            if w.proc.poll() is None:
+                w.proc.kill()
+    assert owned[0] | owned[1] == set(range(PARTITIONS)) and not owned[0] & owned[1], owned
+    assert sum(applied) > 0
     _assert_states_match(loaded, ids, offline)
-    # Outputs are at least once: every step is there, and a repeated step repeats the same numbers.
+    # Outputs are at least once: every step is there, and a repeated step repeats the same event
+    # and the same numbers (within float32 rounding: the replayed batch may group streams
+    # differently, and the kernel's last bits depend on how many streams it steps at once).
     preds = ku.read_all(broker_url, topics["predictions"], timeout=30, idle=3)
     seen: dict[tuple[str, int], dict] = {}
+    repeats = 0
     for r in preds:
         p = r.json()
         k = (p["stream_id"], p["step"])
         if k in seen:
-            assert seen[k] == p, k
+            repeats += 1
+            q = seen[k]
+            numbers = ("forecast", "expected", "score")
+            assert {a: b for a, b in p.items() if a not in numbers} == {a: b for a, b in q.items() if a not in numbers}
+            np.testing.assert_allclose(p["forecast"], q["forecast"], rtol=1e-6)
+            np.testing.assert_allclose(p["score"], q["score"], atol=1e-6)
         seen[k] = p
     assert len(seen) == total
-    assert len(preds) >= total
-    assert replayed >= 0  # events committed late are skipped, never applied twice (states above)
+    assert len(preds) == total + repeats
+
+
+# ------------------------------------------------------------ Redis outage
+
+
+def _redis_server(port: int, data_dir: Path) -> subprocess.Popen:
+    import shutil
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed")
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(data_dir), "--dbfilename", "dump.rdb"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+
+
+def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
+    import redis
+
+    uid = uuid.uuid4().hex[:6]
+    topics = _topics("outage")
+    data = _streams(f"out{uid}", seed=8)[:5]
+    ids = [d[0] for d in data]
+    msgs = [(sid.encode(), orjson.dumps(_event(sid, ts[j], vals[j], j)))
+            for j in range(N_STEPS) for sid, ts, vals in data]
+    half = len(msgs) // 2
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = _redis_server(port, tmp_path)
+    ku.create_topics(broker_url, list(topics.values()), PARTITIONS)
+    ku.produce(broker_url, topics["input"], msgs[:half])
+    log = tmp_path / "worker.log"
+    w = Worker(broker_url, url, model_dir, topics, f"outage-{uid}", log)
+    try:
+        w.wait_metric("lstream_events_applied_total", half, timeout=120)
+        try:  # stop Redis, keeping its data on disk
+            redis.Redis(port=port).shutdown(save=True)
+        except redis.exceptions.ConnectionError:
+            pass
+        server.wait(10)
+        ku.produce(broker_url, topics["input"], msgs[half:])
+        deadline = time.monotonic() + 60
+        while json.loads(w.get("/healthz")[1])["redis"] != "down":
+            assert time.monotonic() < deadline, w.tail()
+            time.sleep(0.1)
+        status, body, _ = w.get("/healthz")
+        assert status == 503 and json.loads(body)["status"] == "degraded"
+        time.sleep(2)  # several retries, still one log line
+        assert w.metric("lstream_events_applied_total") == half
+        server = _redis_server(port, tmp_path)
+        w.wait_metric("lstream_events_applied_total", len(msgs), timeout=60)
+        assert w.get("/healthz")[0] == 200
+        assert w.stop() == 0
+        loaded = asyncio.run(_load_states(url, model_dir, ids))
+    finally:
+        if w.proc.poll() is None:
+            w.proc.kill()
+        server.kill()
+        server.wait()
+    text = log.read_text()
+    assert text.count("redis unavailable") == 1, w.tail()
+    assert text.count("redis is back") == 1
+    _assert_states_match(loaded, ids, _offline(model_dir, data))

@@ -17,7 +17,7 @@ from training.replay import replay_streams
 from worker.events import RawMessage
 from worker.pipeline import Pipeline, Topics
 
-from tests.workerutil import event, series_data, small_model
+from tests.workerutil import event, series_data, small_model, spike_series
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,7 @@ def _messages(data, interleave_seed: int = 1) -> list[RawMessage]:
 
 def _replay(model, data):
     return replay_streams(Engine(model), [Series(sid, ts, vals, ["f0"]) for sid, ts, vals in data])
+
 
 
 def test_batches_match_offline_replay_and_replays_apply_nothing(model, redis_url):
@@ -184,9 +185,9 @@ def test_model_refuse_policy_dead_letters_instead_of_reusing(model, redis_url, t
 
 
 def test_spike_raises_one_alert_per_episode(model, redis_url):
-    t = np.arange(300, dtype=np.float64)
-    vals = np.sin(t / 7.0)[:, None] + 0.01 * np.random.default_rng(0).normal(size=(300, 1))
-    vals[200:203] += 50.0  # one anomalous episode
+    vals = spike_series(300, 200)
+    ref = _replay(model, [("sp", 1000.0 + np.arange(300.0), vals)])[0]
+    assert ref.alert.sum() == 1 and ref.alert[200]  # the data holds one episode
     msgs = [RawMessage(b"sp", event("sp", 1000.0 + i, vals[i]), 0, i) for i in range(300)]
 
     async def run():

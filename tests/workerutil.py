@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int = 2, features: int = 1,
-                seed: int = 0, warmup: int = 10, calm_steps: int = 5, threshold: float = 0.999) -> str:
-    """Write a random-weights artifact (numpy only) with stream normalisation; return its dir."""
+                seed: int = 0, warmup: int = 50) -> str:
+    """Write a random-weights artifact (numpy only) with stream normalisation; return its dir.
+
+    The detector keeps its defaults (kernels/detector.py) except a short warm-up."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for layer in range(layers):
@@ -33,13 +35,22 @@ def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int
             "head": [{"in": hidden, "out": hidden, "activation": "tanh"},
                      {"in": hidden, "out": features, "activation": None}],
             "features": [f"f{j}" for j in range(features)], "norm": {"mode": "stream"},
-            "detector": {"threshold": threshold, "calm_steps": calm_steps, "warmup": warmup, "window": 200}}
+            "detector": {"warmup": warmup}}
     write_artifact(out_dir, meta, arrays)
     return os.fspath(out_dir)
 
 
 def event(stream_id: str, ts: float, values: Any, **extra: Any) -> bytes:
     return orjson.dumps({"stream_id": stream_id, "ts": float(ts), "values": [float(v) for v in values], **extra})
+
+
+def spike_series(n_steps: int, at: int, seed: int = 0) -> np.ndarray:
+    """A calm cycle of exactly 25 steps (it repeats, so nothing after the first cycles is new)
+    with one spike at ``at``: one anomalous episode. (T, 1)."""
+    t = np.arange(n_steps, dtype=np.float64)
+    vals = 20.0 + 5.0 * np.sin(2 * np.pi * t / 25.0)
+    vals[at] += 60.0
+    return vals[:, None]
 
 
 def series_data(n_streams: int, n_steps: int, seed: int = 0, features: int = 1) -> list[tuple[str, np.ndarray, np.ndarray]]:

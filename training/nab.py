@@ -112,6 +112,25 @@ def detect(files: Sequence[DataFile], model_dir: str, *, detector_cfg: Mapping[s
     return {name: (ts, sc) for name, ts, sc in done}
 
 
+def write_probationary(files: Sequence[DataFile], out_dir: str) -> list[str]:
+    """Copy each file's probationary rows (NAB's first ``min(15%, 750)``) to ``out_dir/<name>``.
+
+    The only NAB rows a NAB-specific model may be trained on: no labels, and nothing a file
+    is scored on. Returns the paths written.
+    """
+    paths = []
+    for f in files:
+        with open(f.path, newline="") as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        keep = nab_score.probation_length(len(lines) - 1)
+        path = os.path.join(out_dir, *f.name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines[: 1 + keep]) + "\n")
+        paths.append(path)
+    return paths
+
+
 @dataclass
 class Evaluation:
     results: dict[str, nab_score.ProfileResult]  # per profile, NAB's best threshold

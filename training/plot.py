@@ -1,8 +1,9 @@
 """Pictures: the training loss curve and a replay's series, forecast, score and anomalies.
 
 matplotlib is imported inside the functions (Agg backend), so importing this module is cheap.
-Scores near 1 are hard to tell apart on a linear axis, so the score panel shows the
-surprise ``-log10(1 - score)``: 3 is a score of 0.999, 4 of 0.9999.
+With a threshold of 0.99 or more, scores near 1 are hard to tell apart on a linear axis,
+so the score panel then shows the surprise ``-log10(1 - score)``: 3 is a score of 0.999, 4 of
+0.9999. Lower thresholds get the plain score in [0, 1].
 
 >>> surprise(np.array([0.0, 0.9, 0.999]))
 array([0., 1., 3.])
@@ -74,7 +75,8 @@ def plot_replay(items: Sequence[tuple[Any, Any]], path: str | os.PathLike[str], 
     ratios = [3 if kind == "value" else 1.4 for kind, _, _ in rows]
     fig, axes = plt.subplots(len(rows), 1, figsize=(13, 1.0 + 1.35 * sum(ratios)), squeeze=False,
                              gridspec_kw={"height_ratios": ratios}, layout="constrained")
-    line = float(surprise(np.array([threshold]))[0])
+    log_score = threshold >= 0.99
+    line = float(surprise(np.array([threshold]))[0]) if log_score else threshold
     for ax, (kind, k, j) in zip(axes[:, 0], rows):
         series, res = items[k]
         t = _times(series.ts)
@@ -94,12 +96,13 @@ def plot_replay(items: Sequence[tuple[Any, Any]], path: str | os.PathLike[str], 
                          loc="left", fontsize=10)
             ax.legend(loc="upper left", fontsize=8, ncols=4)
         else:
-            sv = surprise(res.score)
-            ax.plot(t, sv, color="#555555", lw=0.7, label="score as -log10(1 - score)")
+            sv = surprise(res.score) if log_score else np.asarray(res.score)
+            ax.plot(t, sv, color="#555555", lw=0.7,
+                    label="score as -log10(1 - score)" if log_score else "anomaly score")
             ax.axhline(line, color="red", ls="--", lw=0.9, label=f"threshold {threshold:g}")
             if bad.any():
                 ax.scatter(np.asarray(t)[bad], sv[bad], color="red", s=8, zorder=3)
-            ax.set_ylim(0, SURPRISE_CAP + 0.3)
+            ax.set_ylim(0, SURPRISE_CAP + 0.3 if log_score else 1.05)
             ax.set_ylabel("score")
             ax.legend(loc="upper left", fontsize=8, ncols=2)
         ax.grid(alpha=0.25)

@@ -72,9 +72,10 @@ def _base(rng: np.random.Generator, n: int) -> np.ndarray:
         x += ar
     else:
         x += rng.normal(0, noise, n)
-    if rng.random() < 0.3:  # natural regime changes (not labelled: the model should adapt)
+    if rng.random() < 0.4:  # natural regime changes (not labelled: the model should follow them)
         for _ in range(rng.integers(1, 3)):
-            x[rng.integers(0, n):] += rng.normal(0, 0.5)
+            big = rng.random() < 0.5  # large jumps teach the model to settle at a new level quickly
+            x[rng.integers(0, n):] += rng.choice([-1.0, 1.0]) * rng.uniform(1.5, 6.0) if big else rng.normal(0, 0.5)
     if rng.random() < 0.15:  # integer counts, like request or tweet volumes
         x = np.round(x * rng.uniform(3, 20)) / 10
     return x

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -48,18 +49,17 @@ class Runtime:
         self.redis_outage = Outage("redis", self.metrics)
         self.broker_outage = Outage("broker", self.metrics)
         self.store: Any = None
+        self.sender: Any = None
+        self.temp_dir: str | None = None
         self.pipeline: Any = None
         self.app: Any = None
         self.started_at = time.time()
         self.ready = False
         self.stopping = False
         # Run the whole per-event pipeline once so the first real batch pays no JIT cost.
-        self.engine.advance(self.engine.new_states(2), self.model_zero(2))
-
-    def model_zero(self, n: int) -> Any:
         import numpy as np
 
-        return np.zeros((n, self.model.input_size))
+        self.engine.advance(self.engine.new_states(2), np.zeros((2, self.model.input_size)))
 
     async def prepare(self) -> None:
         """Create missing topics and connect to Redis, waiting for each with backoff."""
@@ -84,10 +84,13 @@ class Runtime:
                  m.version, m.input_size, m.num_layers, m.hidden_size, s.input_topic, self.store.url)
 
     async def emit(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
-        """Send all records without waiting for each, then wait for every acknowledgement."""
-        producer = self.app.producer
-        futures = [await producer.send(topic, key, value, None, None, None) for topic, key, value in records]
-        await asyncio.gather(*futures)
+        """Send all records, one record batch per (topic, partition), and wait until the broker
+        has acknowledged every one (see :class:`worker.emit.BatchSender`)."""
+        if self.sender is None:
+            from worker.emit import BatchSender
+
+            self.sender = await BatchSender.start(self.settings.broker)
+        await self.sender.send(records)
 
     async def handle(self, messages: list[Any]) -> None:
         """Process one batch; retry it until it goes through (never skip, never half-commit)."""
@@ -119,7 +122,14 @@ class Runtime:
             out[(str(tp.partition),)] = float(max(0, hw - (done + 1 if done is not None else 0)))
         return out
 
+    def cleanup(self) -> None:
+        """Remove the temporary Faust data directory (call after the worker has exited)."""
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
     async def close(self) -> None:
+        if self.sender is not None:
+            await self.sender.stop()
         if self.store is not None:
             await self.store.close()
 
@@ -145,6 +155,7 @@ def create_app(settings: Settings, model: Any = None) -> Any:
             await runtime.close()
 
     data_dir = s.data_dir or tempfile.mkdtemp(prefix="lstream-faust-")
+    runtime.temp_dir = None if s.data_dir else data_dir  # removed by cleanup() after the worker exits
     app = LstreamApp(
         s.app_id,
         broker=";".join(f"kafka://{h}" for h in broker_hosts(s.broker)),

@@ -26,9 +26,10 @@ def pick_streams(scenario: Scenario, tally: Tally, score: Score, k: int = 4) -> 
     3
     """
     chosen: list[str] = []
+    flat = {s.stream_id for s in scenario.streams if _flat(s.values[:, 0])}
 
     def add(sid: str, limit: int = k) -> None:
-        if sid not in chosen and len(chosen) < limit:
+        if sid not in chosen and sid not in flat and len(chosen) < limit:
             chosen.append(sid)
 
     caught = sorted(score.caught, key=lambda e: -(e.end - e.start))  # long episodes first
@@ -45,7 +46,19 @@ def pick_streams(scenario: Scenario, tally: Tally, score: Score, k: int = 4) -> 
         add(e.stream_id)
     for s in scenario.streams:
         add(s.stream_id)
+    flat.clear()  # only if nothing else is left
+    for s in scenario.streams:
+        add(s.stream_id)
     return chosen
+
+
+def _flat(x: np.ndarray) -> bool:
+    """A (nearly) constant series: its anomalies are invisible at any sensible scale.
+
+    >>> _flat(np.array([5.0, 5.0 + 1e-9, 5.0])), _flat(np.array([5.0, 5.1, 4.9]))
+    (True, False)
+    """
+    return bool(np.nanstd(x) <= 1e-6 * max(1.0, float(np.nanmean(np.abs(x)))))
 
 
 def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Path,
@@ -85,9 +98,10 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
         n_false = sum(1 for a in score.false_alerts if a[0] == sid)
         ax.set_title(f"{sid}: {n_caught} of {n_eps} injected anomalies caught, {n_false} false alerts",
                      loc="left", fontsize=10)
-        lo, hi = np.nanmin(actual), np.nanmax(actual)
-        pad = 0.08 * (hi - lo or abs(hi) or 1.0)
-        ax.set_ylim(lo - pad, hi + pad)  # a wild early forecast must not squash the readings
+        lo, hi = float(np.nanmin(actual)), float(np.nanmax(actual))
+        span = max(hi - lo, 1e-3 * max(abs(lo), abs(hi)), 1e-9)  # a flat stream stays a flat line
+        ax.set_ylim(lo - 0.08 * span, hi + 0.08 * span)  # a wild early forecast must not squash the readings
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.grid(alpha=0.25)
         ax.tick_params(labelsize=8)

@@ -77,15 +77,25 @@ class Interrupts:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: its own process group, and SIGTERM when the
-    # parent dies (prctl PR_SET_PDEATHSIG = 1), so even a kill -9 of the demo leaves nothing.
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-        except OSError:
-            pass
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: the child must not dlopen (not fork-safe)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def _child_setup(prctl: Callable[..., int] | None) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child between fork and exec: its own process group, and SIGTERM when the
+        # parent dies (PR_SET_PDEATHSIG = 1), so even a kill -9 of the demo leaves no worker.
+        os.setsid()
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)
+
+    return setup
 
 
 def spawn(argv: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -97,7 +107,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.
     out: IO[bytes] = open(log, "wb")  # noqa: SIM115 - the child keeps writing to it
     try:
         return subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                stderr=subprocess.STDOUT, preexec_fn=_child_setup(_prctl()))
     finally:
         out.close()
 

@@ -1,7 +1,7 @@
 """``lstream demo`` end to end: services, worker, feed, live view, summary, plot, clean stop.
 
 1. Start the embedded Tansu broker and a ``redis-server`` on free ports (unless
-   ``LSTREAM_BROKER`` / ``LSTREAM_REDIS_URL`` point elsewhere), load the model.
+   ``LSTREAM_BROKER`` / ``LSTREAM_REDIS_URL`` point elsewhere), check the model artifact.
 2. Create the four topics, start ``lstream worker`` as a child process (own process group,
    short session timeout so the consumer group forms quickly, output in ``<out>/worker.log``).
 3. Send the first reading of every stream, wait until the worker applies one (it has joined
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
@@ -48,11 +49,11 @@ class DemoError(RuntimeError):
 
 @dataclass
 class DemoOptions:
-    streams: int = 48
-    steps: int = 160
+    streams: int = 40
+    steps: int | None = None  # None: the model's detector warm-up + 110
     seconds: float = 30.0  # replay duration after the worker is up
     seed: int = 0
-    anomaly_rate: float = 0.005
+    anomaly_rate: float = 0.006
     tolerance: int = 10  # readings after an injected anomaly in which an alert still counts
     out: str = "demo-out"
     live: bool = True
@@ -142,6 +143,25 @@ async def _wait_for(cond: Callable[[], bool], timeout: float, children: Children
         await asyncio.sleep(0.1)
 
 
+async def _send(coro: Coroutine[Any, Any, Any], children: Children, view: View, counter: list[int],
+                log: Path) -> None:
+    """Run a ``send_readings`` coroutine, refreshing the view and watching the worker."""
+    sender = asyncio.ensure_future(coro)
+    try:
+        while not sender.done():
+            view.produced = counter[0]
+            w = children.worker
+            if w is not None and w.poll() is not None:
+                raise DemoError(f"the worker exited with code {w.returncode}; the end of {log}:\n"
+                                f"{_log_tail(log)}")
+            view.update()
+            await asyncio.wait([sender], timeout=0.2)
+        await sender
+    finally:
+        sender.cancel()
+    view.produced = counter[0]
+
+
 async def _read(broker: str, topic: str, handle: Callable[[bytes | None], Any]) -> None:
     from worker.kafka import follow
 
@@ -186,21 +206,16 @@ async def _session(opts: DemoOptions, settings: Settings, scenario: Scenario, ta
         view.produced = counter[0]
         await _wait_for(lambda: tally.handled > 0, opts.start_timeout, children, view,
                         "the worker's first prediction", log)
-        view.set_phase(f"replaying {scenario.events:,} events over {opts.seconds:g} s")
-        rest = scenario.events - n
-        sender = asyncio.create_task(send_readings(broker, settings.input_topic, rows,
-                                                   rate=rest / opts.seconds if opts.seconds > 0 else 0.0,
-                                                   partitions=settings.partitions))
-        while not sender.done():
-            view.produced = counter[0]
-            w = children.worker
-            if w.poll() is not None:
-                sender.cancel()
-                raise DemoError(f"the worker exited with code {w.returncode}; the end of {log}:\n"
-                                f"{_log_tail(log)}")
-            view.update()
-            await asyncio.wait([sender], timeout=0.2)
-        await sender
+        # The detector's warm-up at full speed (nothing to see yet), then the rest paced.
+        warm = n * (scenario.clean_steps - 1)
+        view.set_phase(f"warm-up: {scenario.clean_steps} readings per stream at full speed")
+        await _send(send_readings(broker, settings.input_topic, itertools.islice(rows, warm),
+                                  partitions=settings.partitions), children, view, counter, log)
+        rest = scenario.events - counter[0]
+        view.set_phase(f"replaying the last {rest:,} events over {opts.seconds:g} s")
+        await _send(send_readings(broker, settings.input_topic, rows,
+                                  rate=rest / opts.seconds if opts.seconds > 0 else 0.0,
+                                  partitions=settings.partitions), children, view, counter, log)
         view.produced = counter[0]
         view.set_phase("waiting for the worker to finish the feed")
         await _wait_for(lambda: tally.handled >= counter[0], opts.drain_timeout, children, view,
@@ -226,7 +241,7 @@ def _write_summary(path: Path, data: dict[str, Any]) -> None:
 
 
 def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
-    from kernels import load_model
+    from kernels.artifact import read_artifact
     from kernels.detector import config as detector_config
     from worker.demo_plot import pick_streams, plot_streams
 
@@ -234,17 +249,25 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
     console = Console()
     live = opts.live and console.is_terminal
     settings = from_env(env)
-    model = load_model(settings.model)
-    warmup = int(detector_config(model.detector).get("warmup", 0))
+    # Read and check the artifact here; the worker loads it (and compiles the kernels) itself.
+    meta = read_artifact(settings.model).meta
+    version, input_size = str(meta["version"]), int(meta["input_size"])
+    warmup = int(detector_config(meta.get("detector")).get("warmup", 0))
     external_broker, external_redis = bool(env.get("LSTREAM_BROKER")), bool(env.get("LSTREAM_REDIS_URL"))
     run_id = uuid.uuid4().hex[:8]
     prefix = f"demo-{run_id}-" if external_redis else ""  # never collide with states already there
     if external_broker:  # fresh topics: a shared broker may hold earlier runs' records
         settings = from_env(env, **{k: f"{getattr(settings, k)}-demo-{run_id}" for k in
                                     ("input_topic", "predictions_topic", "alerts_topic", "dlq_topic")})
-    scenario = make_scenario(opts.streams, opts.steps, seed=opts.seed, num_features=model.input_size,
-                             anomaly_rate=opts.anomaly_rate, clean_steps=min(opts.steps // 2, warmup + 10),
-                             prefix=prefix)
+    clean_steps = warmup + 10  # anomalies start after the detector scores (and the stream scaling settled)
+    steps = opts.steps or clean_steps + 100
+    if steps < clean_steps + 20:
+        from worker.cli import CliError
+
+        raise CliError(f"--steps: expected at least {clean_steps + 20} (the model's detector scores nothing "
+                        f"during its first {warmup} readings), got {steps}")
+    scenario = make_scenario(opts.streams, steps, seed=opts.seed, num_features=input_size,
+                             anomaly_rate=opts.anomaly_rate, clean_steps=clean_steps, prefix=prefix)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     tally = Tally(scenario, opts.tolerance)
@@ -270,7 +293,7 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
                     raise KeyboardInterrupt from None
                 raise
             interrupts.resume()
-            header = (f"lstream demo: model {model.version}, {len(scenario.streams)} streams, "
+            header = (f"lstream demo: model {version}, {len(scenario.streams)} streams, "
                       f"{scenario.events:,} events, {len(scenario.episodes)} injected anomalies")
             if not live:
                 print(f"broker {broker}, redis {redis_url.split('@')[-1]}, pids {children.pids()}", flush=True)
@@ -286,7 +309,7 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
             except DemoError as exc:
                 error = str(exc)
             if opts.keep and error is None:
-                _report(console, live, opts, scenario, tally, produced, t0, out, children, model.version,
+                _report(console, live, opts, scenario, tally, produced, t0, out, children, version,
                         complete, pick_streams, plot_streams)
                 _keep(console, broker, redis_url, settings, scenario)
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -296,7 +319,10 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
             return 130
         finally:
             interrupts.ignore()  # a second Ctrl-C must not leave children behind
+            t_stop = time.monotonic()
             children.stop(hurry=interrupted)
+            if not live:
+                print(f"stopped the worker and the services in {time.monotonic() - t_stop:.1f} s", flush=True)
             if external_redis and redis_url:
                 _forget_states(redis_url, [s.stream_id for s in scenario.streams])
     if error is not None:
@@ -304,7 +330,7 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
         _write_summary(out / "summary.json", {"error": error, "pids": children.pids()})
         return 1
     if not opts.keep:
-        _report(console, live, opts, scenario, tally, produced, t0, out, children, model.version, complete,
+        _report(console, live, opts, scenario, tally, produced, t0, out, children, version, complete,
                 pick_streams, plot_streams)
         _hints(console, scenario, tally)
     return 0 if complete else 1
@@ -364,11 +390,13 @@ def _keep(console: Console, broker: str, redis_url: str, settings: Settings, sce
 
 
 def _forget_states(redis_url: str, stream_ids: list[str]) -> None:
-    """Delete this run's stream states from a Redis the demo did not start (key from the contract)."""
-    with contextlib.suppress(Exception):
-        import redis
+    """Delete this run's stream states (and index entries) from a Redis the demo did not start."""
+    from state.store import StateStore
 
-        client = redis.Redis.from_url(redis_url)
-        for k in range(0, len(stream_ids), 500):
-            client.delete(*[f"lstream:state:{{{sid}}}" for sid in stream_ids[k:k + 500]])
-        client.close()
+    async def forget() -> None:
+        async with await StateStore.connect(redis_url, retries=2, timeout=5.0) as store:
+            for sid in stream_ids:
+                await store.reset(sid)
+
+    with contextlib.suppress(Exception):  # best effort: the demo's own result is already in hand
+        asyncio.run(forget())

@@ -50,8 +50,10 @@ CODES = (BAD_JSON, BAD_SCHEMA, BAD_STREAM_ID, KEY_MISMATCH, BAD_VALUES, BAD_TS, 
 STREAM_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,200}\Z")
 MAX_EVENT_ID = 200
 # The dead letter of a too-large message keeps only its head, so the dead letter itself
-# stays well under the broker's message size limit.
+# stays well under the broker's message size limit; any other raw text is cut at RAW_MAX
+# (a dead letter the broker refuses would stall the worker, which retries until it is sent).
 RAW_KEEP = 4096
+RAW_MAX = 256 * 1024
 # RFC 3339 date-time: full date, 'T' (or space), time, optional fraction, 'Z' or an offset.
 RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z")
@@ -317,8 +319,9 @@ def dead_letter(r: Rejection) -> dict[str, Any]:
     if raw is None:
         doc["raw"] = None
     else:
-        if r.code == TOO_LARGE and len(raw) > RAW_KEEP:
-            raw = raw[:RAW_KEEP]
+        keep = RAW_KEEP if r.code == TOO_LARGE else RAW_MAX
+        if len(raw) > keep:
+            raw = raw[:keep]
             doc["raw_truncated"] = True
         text, b64 = _text_or_b64(raw)
         doc["raw"] = text

@@ -8,7 +8,7 @@
 
 Why no consumer group in :func:`follow`: joining one on the Tansu broker takes half the
 session timeout, and a viewer needs no committed offsets. Why not ``end_offsets()``: Tansu
-answers with the first offset of the last record batch, not the end, so "start at the end"
+answers with the first offset of the last record batch + 1, not the end, so "start at the end"
 (``from_beginning=False``) starts there and then skips records written before the call
 (by their timestamp), which is right on any broker. Why ``fetch_max_wait_ms=100``: Tansu holds
 a fetch that finds nothing for the whole wait even when records arrive meanwhile, so the

@@ -25,6 +25,7 @@ lstream_stage_seconds_count{stage="kernel"} 1
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -92,6 +93,7 @@ class Gauge(Counter):
                  fn: Callable[[], dict[tuple[str, ...], float]] | None = None) -> None:
         super().__init__(name, help, labels)
         self.fn = fn  # computed at render time (e.g. consumer lag)
+        self.failed = False
 
     def set(self, value: float, **labels: str) -> None:
         self.values[self._key(labels)] = value
@@ -100,8 +102,11 @@ class Gauge(Counter):
         if self.fn is not None:
             try:
                 self.values = dict(self.fn())
-            except Exception:  # a metric must never break the scrape
-                pass
+            except Exception as exc:  # a metric must never break the scrape
+                if not self.failed:
+                    self.failed = True
+                    logging.getLogger("lstream.worker").warning("metric %s: %s: %s", self.name,
+                                                                type(exc).__name__, exc)
         return super().lines()
 
 

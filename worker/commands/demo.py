@@ -25,7 +25,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     d = DemoOptions()
     p = _Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--streams", type=int, default=d.streams, help=f"sensor streams (default {d.streams})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"readings per stream (default {d.steps})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="readings per stream (default: the model's detector warm-up + 110)")
     p.add_argument("--seconds", type=float, default=d.seconds,
                    help=f"replay the feed over this many seconds once the worker is up (default {d.seconds:g})")
     p.add_argument("--anomaly-rate", type=float, default=d.anomaly_rate,
@@ -44,8 +45,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from worker.cli import CliError
     from worker.demo_run import DemoOptions, run_demo
 
-    for name, low in (("streams", 1), ("steps", 20), ("tolerance", 0)):
-        if getattr(args, name) < low:
+    for name, low in (("streams", 1), ("steps", 1), ("tolerance", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             raise CliError(f"--{name}: expected at least {low}, got {getattr(args, name)}")
     if not 0 <= args.anomaly_rate <= 0.1:
         raise CliError(f"--anomaly-rate: expected a number in [0, 0.1], got {args.anomaly_rate}")

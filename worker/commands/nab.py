@@ -33,6 +33,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="override a detector setting for this run, e.g. --set window=2000 (repeatable)")
     p.add_argument("--workers", type=int, default=2, help="processes, one file each at a time (default 2)")
     p.add_argument("--per-file", action="store_true", help="print each file's standard-profile contribution")
+    p.add_argument("--cut-probationary", default=None, metavar="DIR",
+                   help="only write each file's probationary rows (the first min(15%%, 750)) under DIR, "
+                        "as training data for `lstream train`, and exit")
     return p
 
 
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     data = args.data or str(SHARED_NAB / "data")
     if not os.path.isdir(data):
         raise CliError(f"--data: expected NAB's data directory, {data!r} is not a directory")
+    if args.cut_probationary:
+        paths = nab.write_probationary(nab.corpus_files(data), args.cut_probationary)
+        print(f"wrote the probationary rows of {len(paths)} files under {args.cut_probationary}")
+        return 0
     windows = args.windows or os.path.join(os.path.dirname(os.path.abspath(data)), "windows.json")
     if not os.path.isfile(windows):
         raise CliError(f"--windows: expected NAB's windows JSON file, {windows!r} does not exist")

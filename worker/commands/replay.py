@@ -18,7 +18,7 @@ from worker.cli import CliError
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("files", nargs="+", help="CSV files: a timestamp column and the model's value columns")
     p.add_argument("--model", default=None, help="model artifact directory (default: LSTREAM_MODEL or the bundled model)")
     p.add_argument("--out", default=None, help="directory for <stream>.csv results (default: write no CSV)")

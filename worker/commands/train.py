@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from collections.abc import Mapping
 
@@ -23,7 +22,7 @@ _D = {"hidden": 64, "layers": 2, "epochs": 30}  # documented in the README usage
 def build_parser(prog: str) -> argparse.ArgumentParser:
     from kernels.norm import STREAM_DEFAULTS
 
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].replace("``", ""),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("files", nargs="*", help="CSV files: a timestamp column and one or more value columns")
     p.add_argument("--out", required=True, help="artifact directory to write")

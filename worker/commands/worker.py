@@ -88,6 +88,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         worker.execute_from_commandline()
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        app.lstream.cleanup()
     return 0
 
 

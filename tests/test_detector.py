@@ -1,0 +1,209 @@
+"""kernels/detector.py: properties of the online detector and agreement with a plain-Python reference."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from kernels import detector
+
+
+def run(errs: np.ndarray, xs: np.ndarray, cfg: dict | None = None, valid: np.ndarray | None = None) -> np.ndarray:
+    """Scores of one stream fed step by step: errs, xs (T, F)."""
+    p = detector.params(cfg)
+    t, f = errs.shape
+    st = np.zeros((1, detector.state_size(f)))
+    out = np.zeros(1)
+    scores = np.empty(t)
+    valid = np.arange(t) > 0 if valid is None else valid
+    for i in range(t):
+        detector.update(st, errs[i : i + 1], xs[i : i + 1], valid[i : i + 1], p, out)
+        scores[i] = out[0]
+    return scores
+
+
+class Reference:
+    """The same detector written plainly: explicit lists of block maxima, one per channel."""
+
+    def __init__(self, cfg: dict, f: int) -> None:
+        self.c = detector.config(cfg)
+        self.blocks: list[deque[float]] = [deque(maxlen=detector.BLOCKS), deque(maxlen=detector.BLOCKS)]
+        self.block: list[list[float]] = [[], []]
+        self.count = 0
+        self.s = [0.0, 0.0]
+        self.quiet = 0
+        self.lo: list[float] | None = None
+        self.hi: list[float] = []
+        self.last: list[float] = []
+
+    def step(self, err: np.ndarray, x: np.ndarray, valid: bool) -> float:
+        c = self.c
+        if self.lo is None:
+            self.lo, self.hi, self.last = list(x), list(x), list(x)
+            if not valid:
+                return 0.0
+        tol = c["tol"]
+        novel = tol >= 0 and any(v > h + tol * (h - lo) or v < lo - tol * (h - lo)
+                                 for v, lo, h in zip(x, self.lo, self.hi))
+        steps = [min(abs(v - last) / (h - lo), 1e100) if h > lo else 0.0 for v, last, lo, h in zip(x, self.last, self.lo, self.hi)]
+        self.lo = [min(a, b) for a, b in zip(self.lo, x)]
+        self.hi = [max(a, b) for a, b in zip(self.hi, x)]
+        self.last = list(x)
+        if not valid:
+            return 0.0
+        sizes = [math.sqrt(sum(v * v for v in err) / len(err)), math.sqrt(sum(v * v for v in steps) / len(steps))]
+        self.count += 1
+        for k in range(2):
+            self.s[k] = sizes[k] if self.count == 1 else self.s[k] + (sizes[k] - self.s[k]) / min(self.count, c["smooth"])
+        raw = 0.0
+        if self.count > c["warmup"]:
+            g = []
+            for k in range(2):
+                record = max(list(self.blocks[k]) + self.block[k] + [0.0])
+                g.append(self.s[k] / record if record > 0 else (1e9 if self.s[k] > 0 else 0.0))
+            w = c["persistence"]
+            both = g[0] ** (1 - w) * g[1] ** w
+            raw = both / (1 + both)
+            if novel:
+                raw = 1.0
+        if self.quiet > 0:
+            self.quiet -= 1
+            raw *= c["damp"]
+        elif raw >= c["threshold"]:
+            self.quiet = int(c["refractory"])
+        for k in range(2):
+            self.block[k].append(self.s[k])
+        if len(self.block[0]) >= c["block"]:
+            for k in range(2):
+                self.blocks[k].append(max(self.block[k]))
+                self.block[k] = []
+        return raw
+
+
+def test_matches_the_plain_python_reference() -> None:
+    rng = np.random.default_rng(7)
+    t, f = 1500, 2
+    cfg = {"block": 10, "warmup": 30, "smooth": 3, "tol": 0.05, "refractory": 7, "threshold": 0.6,
+           "persistence": 0.3}
+    errs = rng.standard_t(3, size=(t, f)) * 0.3
+    errs[rng.random(t) < 0.01] *= 20  # occasional large errors
+    xs = np.cumsum(rng.normal(size=(t, f)), axis=0)  # a random walk keeps breaking its range
+    valid = np.ones(t, bool)
+    valid[0] = False
+    got = run(errs, xs, cfg, valid)
+    ref = Reference(cfg, f)
+    want = np.array([ref.step(errs[i], xs[i], bool(valid[i])) for i in range(t)])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert (got >= 0.6).sum() > 5  # the case exercises detections and the refractory period
+
+
+def test_streams_in_one_batch_score_as_if_alone() -> None:
+    rng = np.random.default_rng(1)
+    n, t = 4, 300
+    errs = rng.normal(size=(t, n, 1)) * rng.uniform(0.1, 5, size=(1, n, 1))
+    xs = rng.normal(size=(t, n, 1)) * 100
+    p = detector.params({"warmup": 20, "block": 5})
+    st = np.zeros((n, detector.state_size(1)))
+    out = np.zeros(n)
+    batch = np.empty((t, n))
+    for i in range(t):
+        detector.update(st, errs[i], xs[i], np.full(n, i > 0), p, out)
+        batch[i] = out
+    for k in range(n):
+        alone = run(errs[:, k], xs[:, k], {"warmup": 20, "block": 5})
+        np.testing.assert_array_equal(batch[:, k], alone)
+
+
+@settings(max_examples=25, deadline=None)
+@given(hs.lists(hs.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=200),
+       hs.integers(0, 2**31 - 1))
+def test_scores_lie_in_unit_interval_and_state_size_is_fixed(values: list[float], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    xs = np.array(values).reshape(-1, 1)
+    errs = rng.normal(size=xs.shape) * rng.choice([0.0, 1e-9, 1.0, 1e6], size=xs.shape)
+    p = detector.params({"warmup": 3, "block": 4})
+    st = np.zeros((1, detector.state_size(1)))
+    out = np.zeros(1)
+    for i in range(len(xs)):
+        detector.update(st, errs[i : i + 1], xs[i : i + 1], np.array([i > 0]), p, out)
+        assert 0.0 <= out[0] <= 1.0
+        assert st.shape == (1, len(detector.FIELDS)) and np.isfinite(st).all()
+
+
+def test_steady_noise_rarely_crosses_the_threshold() -> None:
+    rng = np.random.default_rng(2)
+    t = 20000
+    errs = rng.normal(size=(t, 1)) * 0.2
+    xs = (np.arange(t) % 48 == 0).astype(float).reshape(-1, 1)  # a fixed cycle: its range is seen early
+    scores = run(errs, xs)
+    # Gaussian errors break their 400-step record by the threshold's margin about once in
+    # 14000 steps (measured over 100000); allow a few.
+    assert (scores >= detector.DEFAULTS["threshold"]).sum() <= 5
+    assert np.median(scores[200:]) < 0.35
+
+
+def test_a_spike_scores_high_and_is_reported_once() -> None:
+    rng = np.random.default_rng(3)
+    t = 1000
+    errs = rng.normal(size=(t, 1)) * 0.2
+    cycle = np.array([0.0, 1, 2, 3, 4, 3, 2, 1])
+    xs = cycle[np.arange(t) % 8].reshape(-1, 1)  # steps of 1 in a range of 4
+    assert xs[799, 0] == 1.0
+    xs[800], errs[800] = 4.0, 4.0  # a jump of 3 the forecast did not see coming
+    xs[801], errs[801] = 0.0, 3.0  # its tail: inside the refractory period
+    th = detector.DEFAULTS["threshold"]
+    scores = run(errs, xs)
+    assert scores[800] > 0.75
+    assert scores[801] < th
+    assert scores[:800].max() < scores[800] - 0.15
+    # With the step record as well, the jump must surprise both the LSTM and "no change".
+    both = run(errs, xs, {"persistence": 0.5})
+    assert both[800] > 0.7 and both[:800].max() < th
+    # ... so a forecast miss where the reading itself is ordinary scores lower there.
+    ordinary = run(errs, cycle[np.arange(t) % 8].reshape(-1, 1), {"persistence": 0.5})
+    assert ordinary[800] < both[800]
+
+
+def test_a_reading_outside_the_seen_range_scores_one() -> None:
+    t = 400
+    cycle = np.sin(2 * np.pi * np.arange(40) / 40) * 10 + 50
+    xs = cycle[np.arange(t) % 40].reshape(-1, 1)  # repeats exactly: no new extremes
+    xs[350] = 61.0  # just above the cycle's maximum
+    errs = np.full((t, 1), 0.1)
+    scores = run(errs, xs)
+    assert scores[350] == 1.0
+    assert scores[200:350].max() < 0.6
+    wide = run(errs, xs, {"tol": 0.2})  # a margin of 20% of the range lets it pass
+    assert wide[350] < 0.6
+
+
+def test_nothing_is_scored_during_warmup() -> None:
+    t = 200
+    errs = np.ones((t, 1))
+    errs[50] = 1e6
+    xs = np.arange(t, dtype=float).reshape(-1, 1)  # a new maximum every step
+    scores = run(errs, xs, {"warmup": 100})
+    assert scores[:101].max() == 0.0
+    assert scores[101] == 1.0
+
+
+def test_first_reading_is_not_scored_and_sets_the_range() -> None:
+    p = detector.params(None)
+    st = np.zeros((2, detector.state_size(1)))
+    out = np.ones(2)
+    detector.update(st, np.zeros((2, 1)), np.array([[5.0], [-3.0]]), np.array([False, False]), p, out)
+    assert out.tolist() == [0.0, 0.0]
+    names = detector.field_names(1)
+    assert st[0, names.index("lo")] == st[0, names.index("hi")] == 5.0
+    assert st[1, names.index("count")] == 0.0
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="block: expected at least 1"):
+        detector.params({"block": 0})
+    assert detector.config({"threshold": 0.7, "unknown": 1})["threshold"] == 0.7
