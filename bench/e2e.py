@@ -12,8 +12,9 @@ embedded Tansu broker and a throwaway redis-server it measures, one after the ot
 Every worker runs as a subprocess, so its CPU time can be read from ``/proc``. For each case
 the input topic is filled first (``--events``), then the worker starts and drains it:
 
-- events/s: readings processed per second of wall time, from the first output to the last
-  (output record timestamps; the no-op agent reports its own first/last event times);
+- events/s: readings processed per second of wall time, from when the worker woke up after
+  joining its group (the end of its last idle second, from the CPU samples) to the last
+  output's record timestamp; the no-op agent reports its own first/last event times;
 - CPU us/event: the worker process's CPU time (user + system, with its children) in that
   same window, divided by the readings processed in it;
 - latency: afterwards, readings are produced at a steady rate (half the measured drain rate,
@@ -247,6 +248,18 @@ class CpuSampler:
             if a[0] <= t <= b[0]:
                 return a[column] + (b[column] - a[column]) * ((t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0)
         return s[-1][column]
+
+    def wake_up(self, before: float, idle: float = 1.0, threshold: float = 0.03) -> float | None:
+        """End of the last idle stretch (``idle`` seconds using less than ``threshold`` CPU
+        seconds) before wall time ``before``: when the worker started on its input after
+        joining the group. None if there was no such stretch."""
+        times = [t for t, _, _ in self.samples if t <= before]
+        for t in reversed(times):
+            if t - idle < self.samples[0][0]:
+                return None
+            if self.at(t) - self.at(t - idle) < threshold:
+                return t
+        return None
 
     def busy(self, seconds: float) -> float:
         """CPU seconds used in the last ``seconds`` of samples."""
@@ -501,6 +514,13 @@ class Bench:
         await reader.start()
         try:
             first, last, n = await self._wait_drained(kind, proc, reader, sampler, readings, report)
+            if kind != "noop":
+                # Outputs come in bursts, one per micro-batch, so the first output is late by a
+                # whole batch's work; start the window where the worker woke up instead.
+                start = sampler.wake_up(before=first)
+                if start is not None and start < first:
+                    result.extra["first_output_after_s"] = round(first - start, 3)
+                    first, n = start, readings
             result.rate = n / (last - first) if last > first else float("nan")
             cpu = sampler.at(last) - sampler.at(first)
             waited = sampler.at(last, 2) - sampler.at(first, 2)

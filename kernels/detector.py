@@ -73,7 +73,7 @@ _FIXED = len(FIELDS) - 3  # the per-feature lo, hi, last follow the fixed part
 DEFAULTS: dict[str, float] = {
     "threshold": 0.56,  # NAB's corpus-optimal threshold for these settings (default model) is 0.559
     "calm_steps": 20,
-    "smooth": 2.0,  # steps the error is averaged over
+    "smooth": 3.0,  # steps the error is averaged over
     "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
     "warmup": 150.0,  # errors seen before anything is scored
     "tol": 0.0,  # range novelty: margin beyond the seen range, as a fraction of it (< 0: off)

@@ -121,6 +121,8 @@ def _streams(prefix: str, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]
     data = [(f"{prefix}-{sid}", ts, vals) for sid, ts, vals in series_data(N_STREAMS, N_STEPS, seed=seed)]
     # Stream 0: a calm seasonal signal with one injected spike (one anomalous episode).
     data[0] = (data[0][0], data[0][1], spike_series(N_STEPS, 200))
+    # Stream 5 uses every punctuation mark a stream id may hold (the web route must match it).
+    data[5] = (f"{prefix}/line.5:pump_a@site-5", data[5][1], data[5][2])
     return data
 
 

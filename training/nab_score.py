@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -305,7 +305,7 @@ def score_corpus(results: Mapping[str, np.ndarray], labels: Mapping[str, Labels]
 
 
 def labels_for_corpus(series_ts: Mapping[str, np.ndarray], windows: Mapping[str, Sequence[tuple[str, str]]],
-                      parse_time) -> dict[str, Labels]:  # noqa: ANN001 - a str -> float function
+                      parse_time: Callable[[str], float]) -> dict[str, Labels]:
     """Labels for each file in ``series_ts`` ({relative path: timestamps}) from ``windows.json``."""
     out = {}
     for name, ts in series_ts.items():

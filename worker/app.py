@@ -30,6 +30,45 @@ from worker.settings import Settings, broker_hosts
 log = logging.getLogger("lstream.worker")
 
 
+# Kafka client loggers that repeat one error per reconnect attempt during an outage.
+CLIENT_LOGGERS = ("aiokafka", "aiokafka.client", "aiokafka.conn", "aiokafka.cluster", "aiokafka.consumer.fetcher",
+                  "aiokafka.consumer.group_coordinator", "aiokafka.producer.sender")
+
+
+class RepeatFilter(logging.Filter):
+    """Let a given message (by logger and format string) through at most once per ``window``
+    seconds, so an outage is logged once rather than once per retry.
+
+    >>> f = RepeatFilter(window=60.0)
+    >>> rec = logging.LogRecord("aiokafka.client", logging.ERROR, "", 0, "Unable connect to %s", ("x",), None)
+    >>> f.filter(rec), f.filter(rec)
+    (True, False)
+    """
+
+    def __init__(self, window: float = 60.0) -> None:
+        super().__init__()
+        self.window = window
+        self.last: dict[tuple[str, str], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        if now - self.last.get(key, -1e18) < self.window:
+            return False
+        if len(self.last) > 1000:
+            self.last.clear()
+        self.last[key] = now
+        return True
+
+
+def quiet_client_logs(window: float = 60.0) -> None:
+    """Install :class:`RepeatFilter` on the Kafka client's loggers (once per process)."""
+    for name in CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatFilter) for f in logger.filters):
+            logger.addFilter(RepeatFilter(window))
+
+
 class Runtime:
     """Everything the agent and the web views share: model, engine, store, pipeline, metrics."""
 
@@ -64,12 +103,14 @@ class Runtime:
     async def prepare(self) -> None:
         """Create missing topics and connect to Redis, waiting for each with backoff."""
         from state.store import StateStore
+        from worker.emit import BatchSender
         from worker.kafka import ensure_topics
         from worker.pipeline import Pipeline, broker_retryable, redis_retryable
 
         s = self.settings
         topics = [s.input_topic, s.predictions_topic, s.alerts_topic, s.dlq_topic]
         await self.broker_outage.run(lambda: ensure_topics(s.broker, topics, s.partitions), broker_retryable)
+        self.sender = await self.broker_outage.run(lambda: BatchSender.start(s.broker), broker_retryable)
         m = self.model
         self.store = await self.redis_outage.run(
             lambda: StateStore.connect(s.redis_url, model_version=m.version, num_layers=m.num_layers,
@@ -143,6 +184,7 @@ def create_app(settings: Settings, model: Any = None) -> Any:
 
     s = settings
     runtime = Runtime(s, model)
+    quiet_client_logs()
 
     class LstreamApp(faust.App):
         async def on_first_start(self) -> None:
@@ -174,8 +216,6 @@ def create_app(settings: Settings, model: Any = None) -> Any:
         topic_disable_leader=True,
         topic_partitions=s.partitions,
         topic_replication_factor=1,
-        producer_max_request_size=4 * 1024 * 1024,
-        producer_linger=0.005,
     )
     app.lstream = runtime
     runtime.app = app

@@ -50,8 +50,9 @@ class Scenario:
     """The replayed feed: streams in order, their labelled episodes, row lookup by time."""
 
     streams: list[SyntheticStream]
-    clean_steps: int
+    clean_steps: int  # no labelled anomaly starts before this row
     period_s: float
+    warmup: int = 0  # rows during which the detector scores nothing (for the plot)
     episodes: list[Episode] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +79,7 @@ class Scenario:
 
 def make_scenario(n_streams: int, n_steps: int, *, seed: int = 0, num_features: int = 1,
                   anomaly_rate: float = 0.005, clean_steps: int = 0, period_s: float = 60.0,
-                  prefix: str = "") -> Scenario:
+                  prefix: str = "", warmup: int = 0) -> Scenario:
     """``n_streams`` synthetic streams whose labelled anomalies all start at row >= ``clean_steps``;
     ``prefix`` goes in front of every stream id."""
     dirty = generate(n_streams, n_steps, seed=seed, num_features=num_features,
@@ -93,7 +94,7 @@ def make_scenario(n_streams: int, n_steps: int, *, seed: int = 0, num_features: 
                 if a < clean_steps:  # the detector would not be scoring yet: put the reading back
                     d.values[a:b] = c.values[a:b]
                     d.labels[a:b] = False
-    return Scenario(dirty, clean_steps, period_s)
+    return Scenario(dirty, clean_steps, period_s, warmup)
 
 
 @dataclass
@@ -207,5 +208,6 @@ class Tally:
         self.dead_codes[code] = self.dead_codes.get(code, 0) + 1
 
     def result(self) -> Score:
-        alerts = [(a.stream_id, a.row) for a in self.alerts if a.row is not None]
+        # Sorted: alerts arrive in a different order each run (one partition at a time).
+        alerts = sorted((a.stream_id, a.row) for a in self.alerts if a.row is not None)
         return match_alerts(self.scenario.episodes, alerts, self.tolerance)  # type: ignore[arg-type]

@@ -71,12 +71,14 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
 
     path = Path(path)
     caught = {(e.stream_id, e.start) for e in score.caught}
-    fig, axes = plt.subplots(len(stream_ids), 1, figsize=(12, 2.6 * len(stream_ids) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(len(stream_ids), 1, figsize=(12, 2.6 * len(stream_ids) + 1.0), squeeze=False)
     for ax, sid in zip(axes[:, 0], stream_ids):
         s = scenario.by_id[sid]
         rows = np.arange(len(s.ts))
         actual = s.values[:, 0]
-        ax.axvspan(-0.5, scenario.clean_steps - 0.5, color="0.85", alpha=0.5, lw=0, label="detector warm-up")
+        if scenario.warmup:  # errors start at row 1; the detector scores after `warmup` of them
+            ax.axvspan(-0.5, scenario.warmup + 0.5, color="0.85", alpha=0.5, lw=0,
+                       label="detector warm-up (no scores)")
         for e in scenario.episodes:
             if e.stream_id != sid:
                 continue
@@ -110,11 +112,11 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
     for ax in axes[:, 0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=len(handles),
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(4, len(handles)),
                fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1.0 - 0.25 / fig.get_figheight()))
     if title:
         fig.suptitle(title, fontsize=11, y=1.0 - 0.02 / fig.get_figheight())
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.7 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

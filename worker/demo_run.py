@@ -129,16 +129,16 @@ def _rows(scenario: Scenario, counter: list[int]) -> Iterator[tuple[str, int, fl
                 yield s.stream_id, i, float(s.ts[i]), s.values[i].tolist()
 
 
-async def _wait_for(cond: Callable[[], bool], timeout: float, children: Children, view: View, what: str,
-                    log: Path) -> None:
+async def _wait_for(cond: Callable[[], bool], timeout: float, children: Children, view: View,
+                    what: Callable[[], str], log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         w = children.worker
         if w is not None and w.poll() is not None:
-            raise DemoError(f"the worker exited with code {w.returncode} while waiting for {what}; "
+            raise DemoError(f"the worker exited with code {w.returncode} while waiting for {what()}; "
                             f"the end of {log}:\n{_log_tail(log)}")
         if time.monotonic() > deadline:
-            raise DemoError(f"gave up after {timeout:.0f} s waiting for {what}; see {log}")
+            raise DemoError(f"gave up after {timeout:.0f} s waiting for {what()}; see {log}")
         view.update()
         await asyncio.sleep(0.1)
 
@@ -205,7 +205,7 @@ async def _session(opts: DemoOptions, settings: Settings, scenario: Scenario, ta
         await send_readings(broker, settings.input_topic, first, partitions=settings.partitions)
         view.produced = counter[0]
         await _wait_for(lambda: tally.handled > 0, opts.start_timeout, children, view,
-                        "the worker's first prediction", log)
+                        lambda: "the worker's first prediction", log)
         # The detector's warm-up at full speed (nothing to see yet), then the rest paced.
         warm = n * (scenario.clean_steps - 1)
         view.set_phase(f"warm-up: {scenario.clean_steps} readings per stream at full speed")
@@ -219,7 +219,7 @@ async def _session(opts: DemoOptions, settings: Settings, scenario: Scenario, ta
         view.produced = counter[0]
         view.set_phase("waiting for the worker to finish the feed")
         await _wait_for(lambda: tally.handled >= counter[0], opts.drain_timeout, children, view,
-                        f"the worker to apply all {counter[0]} events (it has {tally.handled})", log)
+                        lambda: f"the worker to apply all {counter[0]} events (it has {tally.handled})", log)
         await asyncio.sleep(1.0)  # alerts of the last events
         view.update()
         view.set_phase("done")
@@ -267,7 +267,8 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
         raise CliError(f"--steps: expected at least {clean_steps + 20} (the model's detector scores nothing "
                         f"during its first {warmup} readings), got {steps}")
     scenario = make_scenario(opts.streams, steps, seed=opts.seed, num_features=input_size,
-                             anomaly_rate=opts.anomaly_rate, clean_steps=clean_steps, prefix=prefix)
+                             anomaly_rate=opts.anomaly_rate, clean_steps=clean_steps, prefix=prefix,
+                             warmup=warmup)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     tally = Tally(scenario, opts.tolerance)
@@ -315,7 +316,7 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
         except (KeyboardInterrupt, asyncio.CancelledError):
             interrupts.ignore()
             interrupted = True
-            console.print("interrupted: stopping the worker, the broker and redis-server")
+            console.print("interrupted: stopping the worker, the broker and redis-server", soft_wrap=True)
             return 130
         finally:
             interrupts.ignore()  # a second Ctrl-C must not leave children behind
@@ -326,7 +327,8 @@ def run_demo(opts: DemoOptions, env: Mapping[str, str]) -> int:
             if external_redis and redis_url:
                 _forget_states(redis_url, [s.stream_id for s in scenario.streams])
     if error is not None:
-        console.print(f"[red]lstream demo: {error}[/red]" if live else f"lstream demo: {error}")
+        console.print(f"lstream demo: {error}", style="red" if live else None, markup=False, highlight=False,
+                      soft_wrap=True)
         _write_summary(out / "summary.json", {"error": error, "pids": children.pids()})
         return 1
     if not opts.keep:

@@ -19,10 +19,11 @@ Only after ``process`` returns does the caller acknowledge the batch (Faust comm
 offsets). Why this order, and why nothing is lost or applied twice:
 
 - A crash before step 7 leaves Redis as it was and the offsets uncommitted: the batch is
-  read again and computed again from the same states, so it yields the same outputs (the
-  pipeline is deterministic). Outputs are at least once: a crash between 6 and 7 sends
-  them twice, identical (same stream, source position, step and numbers), and consumers
-  can drop repeats by (stream_id, source).
+  read again and computed again from the same states, so it yields the same outputs.
+  Outputs are at least once: a crash between 6 and 7 sends them twice, with the same
+  stream, source position and step (the numbers agree to float32 rounding: the kernel's
+  last bits depend on how many streams it steps at once), and consumers can drop repeats
+  by (stream_id, source).
 - A crash after step 7 but before the commit replays events the states already reflect;
   step 4 skips them (and the fence in ``state/fence.lua`` would refuse such a save anyway),
   so each event changes a stream's state exactly once.
