@@ -9,3 +9,11 @@ from __future__ import annotations
 
 class StateError(Exception):
     """A user-facing state store problem (printed as one line by the CLI)."""
+
+
+class StateUnavailable(StateError):
+    """Redis could not be reached (after retries): worth waiting for, not a bad request."""
+
+
+class StateNotFound(StateError):
+    """No state is stored for the stream asked about."""

