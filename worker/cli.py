@@ -91,4 +91,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m worker.cli` runs this file as __main__, a second copy of the module: call the
+    # real one, so that errors raised as worker.cli.CliError are the ones caught above.
+    from worker.cli import main as cli_main
+
+    sys.exit(cli_main())

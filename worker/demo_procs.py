@@ -10,16 +10,16 @@ and we stop the whole group) that Linux terminates if we die without cleaning up
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO
+
+from worker.services import child_setup
 
 
 class Interrupts:
@@ -77,27 +77,6 @@ class Interrupts:
             signal.signal(sig, handler)  # type: ignore[arg-type]
 
 
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up in the parent: the child must not dlopen (not fork-safe)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-def _child_setup(prctl: Callable[..., int] | None) -> Callable[[], None]:
-    def setup() -> None:
-        # Runs in the child between fork and exec: its own process group, and SIGTERM when the
-        # parent dies (PR_SET_PDEATHSIG = 1), so even a kill -9 of the demo leaves no worker.
-        os.setsid()
-        if prctl is not None:
-            prctl(1, signal.SIGTERM)
-
-    return setup
-
-
 def spawn(argv: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start ``argv`` with ``env``, output to ``log``, in its own process group.
 
@@ -107,7 +86,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.
     out: IO[bytes] = open(log, "wb")  # noqa: SIM115 - the child keeps writing to it
     try:
         return subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=_child_setup(_prctl()))
+                                stderr=subprocess.STDOUT, preexec_fn=child_setup())
     finally:
         out.close()
 

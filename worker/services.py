@@ -7,10 +7,15 @@ real ``redis-server``, each on a free loopback port. Both are child processes th
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +32,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up in the parent: the child must not dlopen (not fork-safe)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def child_setup() -> Callable[[], None]:
+    """A ``preexec_fn``: the child gets its own session (a terminal's Ctrl-C reaches only us,
+    and we stop it in order) and SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so even
+    a ``kill -9`` of the parent leaves nothing running. Start children from the main thread:
+    Linux sends the signal when the starting *thread* ends."""
+    prctl = _prctl()
+
+    def setup() -> None:
+        os.setsid()
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)
+
+    return setup
+
+
+def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=child_setup())
+
+
 def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float) -> None:
+    try:
+        _poll_port(port, proc, name, timeout)
+    except BaseException:
+        proc.kill()  # also on Ctrl-C while starting: never leave a half-started child
+        proc.wait()
+        raise
+
+
+def _poll_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -37,7 +81,6 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], name: str, timeout:
                 return
         except OSError:
             time.sleep(0.05)
-    proc.kill()
     raise ServiceError(f"{name} did not listen on port {port} within {timeout:.0f} s")
 
 
@@ -86,13 +129,8 @@ def start_broker(port: int | None = None, timeout: float = 30.0) -> Service:
     """Start Tansu with memory storage on 127.0.0.1:``port``; its url is ``kafka://127.0.0.1:port``."""
     port = port or free_port()
     listen = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
-         "--storage-engine", "memory://tansu/"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _spawn([broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
+                   "--storage-engine", "memory://tansu/"])
     _wait_for_port(port, proc, "the Tansu broker", timeout)
     return Service("broker", port, f"kafka://127.0.0.1:{port}", proc)
 
@@ -110,7 +148,7 @@ def start_redis(port: int | None = None, timeout: float = 15.0, password: str | 
             "--dir", str(Path("/tmp")), "--logfile", ""]
     if password:
         args += ["--requirepass", password]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _spawn(args)
     _wait_for_port(port, proc, "redis-server", timeout)
     auth = f":{password}@" if password else ""
     return Service("redis", port, f"redis://{auth}127.0.0.1:{port}/0", proc)

@@ -11,12 +11,20 @@ below it takes a :class:`Settings`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "default")
+def _default_model() -> str:
+    """The bundled model: in the source tree, else where ``pip install`` put the data files."""
+    in_tree = Path(__file__).resolve().parent.parent / "models" / "default"
+    installed = Path(sys.prefix) / "share" / "lstream" / "models" / "default"
+    return str(installed if not in_tree.is_dir() and installed.is_dir() else in_tree)
+
+
+DEFAULT_MODEL = _default_model()
 
 
 class SettingsError(ValueError):
