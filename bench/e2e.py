@@ -18,11 +18,18 @@ the input topic is filled first (``--events``), then the worker starts and drain
 - CPU us/event: the worker process's CPU time (user + system, with its children) in that
   same window, divided by the readings processed in it;
 - latency: afterwards, readings are produced at a steady rate (half the measured drain rate,
-  at most ``--latency-rate``) stamped with the send time in ``ts``, and each prediction's
-  arrival time at the benchmark minus its ``ts`` gives p50/p99.
+  at most 2,000 readings/s, or 200,000 in gateway batches) stamped with the send time in
+  ``ts``; each prediction's arrival at the benchmark minus its ``ts`` gives p50/p99. On
+  Tansu this is dominated by the consumer's ``fetch_max_wait_ms`` (Faust hard-codes 1500 ms
+  and Tansu holds an empty fetch that long); ``--faust-fetch-wait MS`` lowers it for the
+  no-op and naive apps to show the difference.
 
-Numbers depend on the machine and on what else runs on it; the broker, Redis and the
-benchmark itself share the same cores.
+Numbers depend on the machine and on what else runs on it: the broker, Redis and the
+benchmark itself share the same cores. ``wait %`` (the worker's main thread waiting for a
+CPU, from /proc/<pid>/schedstat) shows how much other processes took, and ``uncont./s``
+takes that wait out of the window: an estimate for an otherwise idle machine. For the
+lstream worker the table also shows its micro-batch sizes and seconds per pipeline stage
+(from its /metrics page).
 """
 
 from __future__ import annotations
@@ -439,6 +446,34 @@ def _stamped(batch: list[dict[str, Any]]) -> bytes:
     return orjson.dumps(batch)
 
 
+def worker_stats(port: int) -> dict[str, Any]:
+    """Micro-batch statistics from the lstream worker's /metrics: messages per batch and the
+    seconds spent in each stage (empty if the page cannot be read)."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
+        if m:
+            values[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    out: dict[str, Any] = {}
+    batches = values.get("lstream_batches_total", 0.0)
+    if batches:
+        out["batches"] = int(batches)
+        out["messages_per_batch"] = round(values.get("lstream_events_in_total", 0.0) / batches, 1)
+    stages = {k.split('stage="')[1].rstrip('"}'): round(v, 3) for k, v in values.items()
+              if k.startswith("lstream_stage_seconds_sum{")}
+    if stages:
+        out["stage_seconds"] = stages
+    return out
+
+
 def _percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
@@ -472,11 +507,12 @@ class Bench:
             return cmd, env
         from worker.services import free_port
 
+        self.web_port = free_port()
         env.update({
             "LSTREAM_BROKER": self.broker, "LSTREAM_REDIS_URL": self.redis_url,
             "LSTREAM_INPUT_TOPIC": input_topic, "LSTREAM_PREDICTIONS_TOPIC": output_topic,
             "LSTREAM_ALERTS_TOPIC": f"alerts-{run_id}", "LSTREAM_DLQ_TOPIC": f"dlq-{run_id}",
-            "LSTREAM_APP_ID": f"bench-{case}-{run_id}", "LSTREAM_WEB_PORT": str(free_port()),
+            "LSTREAM_APP_ID": f"bench-{case}-{run_id}", "LSTREAM_WEB_PORT": str(self.web_port),
             "LSTREAM_SESSION_TIMEOUT": "10", "LSTREAM_PARTITIONS": str(self.cfg.partitions),
             "LSTREAM_LOG_LEVEL": "warning", "LSTREAM_MODEL": self.model,
         })
@@ -531,6 +567,8 @@ class Bench:
             result.uncontended = n / (last - first - waited) if last - first - waited > 0 else float("nan")
             result.extra.update(window_s=round(last - first, 3), window_readings=n, worker_cpu_s=round(cpu, 3),
                                 runq_wait_s=round(waited, 3), load_avg=os.getloadavg()[0])
+            if kind == "lstream":
+                result.extra.update(await asyncio.to_thread(worker_stats, self.web_port))
             if kind != "noop":
                 await self._latency(result, feed, input_topic, reader, batched, gateways)
         except Exception as exc:  # one failed case must not hide the others
@@ -638,6 +676,11 @@ def table(results: Sequence[Result]) -> str:
         checks.append(f"lstream gateway batches of {GATEWAY_BATCH}: {r.rate:,.0f} readings/s wall, "
                       f"{r.uncontended:,.0f} uncontended, {1e6 / r.cpu_us:,.0f} per CPU second "
                       f"(target >= 50,000 per worker process)")
+    for r in results:
+        if "messages_per_batch" in r.extra:
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in r.extra.get("stage_seconds", {}).items())
+            checks.append(f"{r.case} worker: {r.extra['batches']} micro-batches, {r.extra['messages_per_batch']:g} "
+                          f"messages each on average; seconds per stage: {stages or '-'}")
     load = [r.extra.get("load_avg") for r in results if r.extra.get("load_avg") is not None]
     if load:
         checks.append(f"load average during the runs: {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} CPUs")

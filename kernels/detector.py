@@ -1,4 +1,4 @@
-"""Per-stream online anomaly detector: forecast-error records, step records and range novelty.
+"""Per-stream online anomaly detector: forecast-error records, step records and range breakouts.
 
 Each kind of evidence is judged against the stream's own recent history, so one setting
 serves streams of any scale and noise level:
@@ -15,18 +15,25 @@ serves streams of any scale and noise level:
   forecast. The two combine as ``g = g1^(1-w) * g2^w`` (``w = persistence``), so a reading
   must surprise both the LSTM and the naive forecast. Off by default: on NAB it helped a
   weak forecaster (+2 points) but not the default model (-2).
-- **Range novelty** (the "spatial anomaly" of Numenta's and ARTime's NAB detectors): a reading
-  outside every value the stream has shown so far (widened by ``tol`` times that range).
+- **Range breakout** (the "spatial anomaly" of Numenta's and ARTime's NAB detectors, made
+  noise-aware): a reading outside every value the stream has shown so far (widened by
+  ``tol`` times that range) by ``r`` *typical steps*, the mean size of the change between
+  consecutive readings over about ``span`` steps. It counts when ``r >= margin`` and
+  ``r * g1 >= novelty``: a reading just past the range needs a forecast error near its
+  record, one far outside needs little. So rounding and noise-level new extremes (a small
+  fraction of a step) never count, nor does a trend the forecast follows, while a reading
+  that jumps clear of everything seen does.
 
-The score is ``g / (1 + g)`` (0.5 when the evidence equals its recent record), or 1 on range
-novelty; 0 during the first ``warmup`` errors. After a score at or over ``threshold`` the
+The score is ``g / (1 + g)`` (0.5 when the evidence equals its recent record), or 1 on a
+range breakout; 0 during the first ``warmup`` errors. After a score at or over ``threshold`` the
 next ``refractory`` scores are multiplied by ``damp``, so one event is reported once.
 
-Per-stream state (``anomaly`` in Redis, float64, :func:`field_names`; 24 + 3F numbers):
+Per-stream state (``anomaly`` in Redis, float64, :func:`field_names`; 24 + 4F numbers):
 ``count`` (errors seen), ``quiet`` (refractory steps left), ``blk_fill`` and ``ring_pos``
 (the running block's length and the ring's next slot); per channel (``err_``, ``step_``):
 ``smooth`` (``s``), ``blk_max`` (the running block's maximum) and ``ring_0..7`` (maxima of
-the last 8 blocks); per feature: ``lo``, ``hi`` (range seen) and ``last`` (last reading).
+the last 8 blocks); per feature: ``lo``, ``hi`` (range seen), ``last`` (last reading) and
+``jump`` (typical step: mean of ``|x_t - x_{t-1}|``, weight ``1/min(k, span)`` at the k-th change).
 
 Cost: a pass over 16 numbers and the features per event: about 0.1 microsecond a stream in
 a batch (5 microseconds for a call with one stream, mostly call overhead).
@@ -48,8 +55,13 @@ True
 >>> bool(out[0] > 0.75)
 True
 >>> update(st, np.array([[0.0]]), np.array([[7.0]]), np.array([True]), p, out)  # outside the range
->>> float(out[0])  # range novelty scores 1, damped: the last event's refractory period runs
+>>> float(out[0])  # a breakout scores 1, damped: the last event's refractory period runs
 0.5
+>>> p = params({"warmup": 20})
+>>> st = np.zeros((1, state_size(1)))
+>>> for t in range(600):  # an exactly periodic signal; rounding makes tiny new extremes
+...     update(st, np.array([[0.01]]), np.array([[5 + np.sin(2 * np.pi * t / 25)]]), np.array([t > 0]), p, out)
+...     assert out[0] < 0.5, t
 """
 
 from __future__ import annotations
@@ -65,8 +77,9 @@ BLOCKS = 8  # blocks in the sliding window of recent error maxima (fixed: part o
 FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
           "err_smooth", "err_blk_max", *(f"err_ring_{k}" for k in range(BLOCKS)),
           "step_smooth", "step_blk_max", *(f"step_ring_{k}" for k in range(BLOCKS)),
-          "lo", "hi", "last")
-_FIXED = len(FIELDS) - 3  # the per-feature lo, hi, last follow the fixed part
+          "lo", "hi", "last", "jump")
+_PER = ("lo", "hi", "last", "jump")  # per-feature fields, each F long, after the fixed part
+_FIXED = len(FIELDS) - len(_PER)
 
 # threshold and calm_steps are read by the engine (episodes); update() reads the rest and the
 # threshold (the refractory period starts at a score at or over it).
@@ -76,7 +89,10 @@ DEFAULTS: dict[str, float] = {
     "smooth": 3.0,  # steps the error is averaged over
     "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
     "warmup": 150.0,  # errors seen before anything is scored
-    "tol": 0.0,  # range novelty: margin beyond the seen range, as a fraction of it (< 0: off)
+    "tol": 0.0,  # range breakout: extra margin beyond the seen range, as a fraction of it (< 0: off)
+    "margin": 0.5,  # range breakout: typical steps beyond the range a reading must at least go
+    "novelty": 0.25,  # range breakout counts when (typical steps beyond) x (error ratio g1) >= this
+    "span": 50.0,  # readings the typical step is averaged over
     "refractory": 20.0,  # steps damped after a score at or over the threshold
     "damp": 0.5,  # factor on the scores of those steps
     "persistence": 0.0,  # weight of the step-change record against the forecast-error record (0: off)
@@ -85,18 +101,18 @@ DEFAULTS: dict[str, float] = {
 
 def state_size(num_features: int) -> int:
     """Length of a stream's ``anomaly`` vector for a model with ``num_features`` inputs."""
-    return _FIXED + 3 * num_features
+    return _FIXED + len(_PER) * num_features
 
 
 def field_names(num_features: int) -> tuple[str, ...]:
     """Names of the ``anomaly`` vector's entries (``FIELDS`` for one feature).
 
     >>> field_names(2)[-6:]
-    ('lo_0', 'lo_1', 'hi_0', 'hi_1', 'last_0', 'last_1')
+    ('hi_0', 'hi_1', 'last_0', 'last_1', 'jump_0', 'jump_1')
     """
     if num_features == 1:
         return FIELDS
-    return FIELDS[:_FIXED] + tuple(f"{name}_{j}" for name in ("lo", "hi", "last") for j in range(num_features))
+    return FIELDS[:_FIXED] + tuple(f"{name}_{j}" for name in _PER for j in range(num_features))
 
 
 def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:
@@ -109,13 +125,13 @@ def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:
 def params(cfg: Mapping[str, Any] | None) -> np.ndarray:
     """The parameter vector :func:`update` takes."""
     c = config(cfg)
-    for key in ("smooth", "block"):
+    for key in ("smooth", "block", "span"):
         if c[key] < 1:
             raise ValueError(f"detector {key}: expected at least 1, got {c[key]}")
     if not 0.0 <= c["persistence"] <= 1.0:
         raise ValueError(f"detector persistence: expected a number in [0, 1], got {c['persistence']}")
     return np.array([c["smooth"], c["block"], c["warmup"], c["tol"], c["refractory"], c["damp"],
-                     c["threshold"], c["persistence"]], dtype=np.float64)
+                     c["threshold"], c["persistence"], c["margin"], c["novelty"], c["span"]], dtype=np.float64)
 
 
 @njit(cache=True)
@@ -155,17 +171,19 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
     yet) score 0; only their range and last reading are updated.
     """
     smooth, block, warmup, tol, refractory, damp, threshold, w = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    margin, novelty, span = p[8], p[9], p[10]
     n, f = err.shape
     lo0 = _FIXED
     hi0 = lo0 + f
     last0 = hi0 + f
+    jump0 = last0 + f
     for i in range(n):
         st = state[i]
         count = st[0]
         first = count == 0.0 and not valid[i]
-        # Range novelty and the change since the last reading (in units of the range), both
-        # judged before this reading widens the range.
-        novel = False
+        # Range breakout (in typical steps) and the change since the last reading (in units of
+        # the range), both judged before this reading widens the range.
+        brk = 0.0
         acc = 0.0
         for j in range(f):
             v = x[i, j]
@@ -173,11 +191,15 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
                 st[lo0 + j] = v
                 st[hi0 + j] = v
                 st[last0 + j] = v
+                st[jump0 + j] = 0.0
                 continue
             lo, hi = st[lo0 + j], st[hi0 + j]
-            margin = tol * (hi - lo)
-            if tol >= 0.0 and (v > hi + margin or v < lo - margin):
-                novel = True
+            excess = max(v - hi, lo - v) - tol * (hi - lo)
+            if tol >= 0.0 and excess > 0.0:
+                # A stream that never moved: any excess well above float rounding is far.
+                unit = max(st[jump0 + j], 1e-9 * max(abs(lo), abs(hi)), 1e-300)
+                brk = max(brk, min(excess / unit, 1e12))
+            st[jump0 + j] += (abs(v - st[last0 + j]) - st[jump0 + j]) / min(count + 1.0, span)
             if hi > lo:
                 d = min(abs(v - st[last0 + j]) / (hi - lo), 1e100)  # finite even for a tiny range
                 acc += d * d
@@ -207,7 +229,7 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
             else:
                 g = g1 ** (1.0 - w) * g2 ** w
             raw = g / (1.0 + g)
-            if novel:
+            if brk >= margin and brk * g1 >= novelty:
                 raw = 1.0
         quiet = st[1]
         if quiet > 0.0:

@@ -2,7 +2,8 @@
 
 Each stream mixes, with its own random recipe: one to three seasonal cycles (sine, peaked,
 square on/off or sawtooth shapes, periods of 12 to 400 steps), a linear drift, a random walk,
-AR(1), white or heavy-tailed noise with its own level, occasional natural level changes, and a scale and
+AR(1), white or heavy-tailed noise with its own level, occasional natural level changes (some
+large, unlabelled: the model should follow them), and a scale and
 offset of its own (from about 0.1 to about 10^4). Injected anomalies (``anomaly_rate`` > 0)
 are spikes, level shifts, flat-lines and noise bursts; ``labels`` marks their readings.
 Stream i depends only on ``(seed, i)``, so more streams never change the first ones.

@@ -64,25 +64,29 @@ class TrainConfig:
         positive = ("hidden", "layers", "head_hidden", "epochs", "batch_size", "window", "threads")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+                raise ValueError(f"--{_flag(name)}: expected a positive integer, got {getattr(self, name)}")
         if self.head not in ("linear", "mlp"):
-            raise ValueError(f"head: expected 'linear' or 'mlp', got {self.head!r}")
+            raise ValueError(f"--head: expected 'linear' or 'mlp', got {self.head!r}")
         if self.norm not in ("stream", "global"):
-            raise ValueError(f"norm: expected 'stream' or 'global', got {self.norm!r}")
+            raise ValueError(f"--norm: expected 'stream' or 'global', got {self.norm!r}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout}")
+            raise ValueError(f"--dropout: expected a number in [0, 1), got {self.dropout}")
         if not 0 <= self.val_split < 0.9:
-            raise ValueError(f"val split: expected a number in [0, 0.9), got {self.val_split}")
+            raise ValueError(f"--val-split: expected a number in [0, 0.9), got {self.val_split}")
         for name in ("lr", "clip_grad", "norm_window", "min_std", "clip"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+                raise ValueError(f"--{_flag(name)}: expected a positive number, got {getattr(self, name)}")
         for name in ("burn_in", "warmup", "patience", "weight_decay"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{_flag(name)}: expected a number >= 0, got {getattr(self, name)}")
 
     def min_rows(self) -> int:
         """Rows a stream needs for one training window with at least one scored target."""
         return self.window + 1 + (self.warmup if self.norm == "stream" else 0)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
 
 
 class Forecaster(nn.Module):

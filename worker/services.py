@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _claim(port: int | None) -> int:
+    """``port`` if it is free (else ServiceError: we would talk to someone else's server), or a free one."""
+    if port is None:
+        return free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ServiceError(f"port {port}: expected a free port, but it is taken ({exc.strerror})") from None
+    return port
+
+
 def _prctl() -> Callable[..., int] | None:
     """libc's prctl, looked up in the parent: the child must not dlopen (not fork-safe)."""
     if not sys.platform.startswith("linux"):
@@ -45,9 +59,10 @@ def _prctl() -> Callable[..., int] | None:
 def child_setup() -> Callable[[], None]:
     """A ``preexec_fn``: the child gets its own session (a terminal's Ctrl-C reaches only us,
     and we stop it in order) and SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so even
-    a ``kill -9`` of the parent leaves nothing running. Start children from the main thread:
-    Linux sends the signal when the starting *thread* ends."""
-    prctl = _prctl()
+    a ``kill -9`` of the parent leaves nothing running."""
+    # Linux sends the signal when the starting *thread* ends: from a worker thread (say
+    # asyncio.to_thread) that would kill the child far too early, so only from the main one.
+    prctl = _prctl() if threading.current_thread() is threading.main_thread() else None
 
     def setup() -> None:
         os.setsid()
@@ -127,7 +142,7 @@ def broker_binary() -> str:
 
 def start_broker(port: int | None = None, timeout: float = 30.0) -> Service:
     """Start Tansu with memory storage on 127.0.0.1:``port``; its url is ``kafka://127.0.0.1:port``."""
-    port = port or free_port()
+    port = _claim(port)
     listen = f"tcp://127.0.0.1:{port}"
     proc = _spawn([broker_binary(), "broker", "--listener-url", listen, "--advertised-listener-url", listen,
                    "--storage-engine", "memory://tansu/"])
@@ -143,7 +158,7 @@ def start_redis(port: int | None = None, timeout: float = 15.0, password: str | 
     exe = shutil.which("redis-server")
     if exe is None:
         raise ServiceError(REDIS_HINT)
-    port = port or free_port()
+    port = _claim(port)
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(Path("/tmp")), "--logfile", ""]
     if password:
