@@ -40,16 +40,23 @@ class Reference:
         self.lo: list[float] | None = None
         self.hi: list[float] = []
         self.last: list[float] = []
+        self.jump: list[float] = []
 
     def step(self, err: np.ndarray, x: np.ndarray, valid: bool) -> float:
         c = self.c
         if self.lo is None:
-            self.lo, self.hi, self.last = list(x), list(x), list(x)
+            self.lo, self.hi, self.last, self.jump = list(x), list(x), list(x), [0.0] * len(x)
             if not valid:
                 return 0.0
         tol = c["tol"]
-        novel = tol >= 0 and any(v > h + tol * (h - lo) or v < lo - tol * (h - lo)
-                                 for v, lo, h in zip(x, self.lo, self.hi))
+        # How many typical steps the reading lies outside the range seen (0 inside it).
+        out = 0.0
+        for v, lo, h, jump in zip(x, self.lo, self.hi, self.jump):
+            excess = max(v - h, lo - v) - tol * (h - lo)
+            if tol >= 0 and excess > 0:
+                out = max(out, min(excess / max(jump, 1e-9 * max(abs(lo), abs(h)), 1e-300), 1e12))
+        k = min(self.count + 1, c["span"])
+        self.jump = [j + (abs(v - last) - j) / k for v, last, j in zip(x, self.last, self.jump)]
         steps = [min(abs(v - last) / (h - lo), 1e100) if h > lo else 0.0 for v, last, lo, h in zip(x, self.last, self.lo, self.hi)]
         self.lo = [min(a, b) for a, b in zip(self.lo, x)]
         self.hi = [max(a, b) for a, b in zip(self.hi, x)]
@@ -69,7 +76,7 @@ class Reference:
             w = c["persistence"]
             both = g[0] ** (1 - w) * g[1] ** w
             raw = both / (1 + both)
-            if novel:
+            if out >= c["margin"] and out * g[0] >= c["novelty"]:
                 raw = 1.0
         if self.quiet > 0:
             self.quiet -= 1
@@ -89,7 +96,7 @@ def test_matches_the_plain_python_reference() -> None:
     rng = np.random.default_rng(7)
     t, f = 1500, 2
     cfg = {"block": 10, "warmup": 30, "smooth": 3, "tol": 0.05, "refractory": 7, "threshold": 0.6,
-           "persistence": 0.3}
+           "persistence": 0.3, "span": 20, "margin": 0.3}
     errs = rng.standard_t(3, size=(t, f)) * 0.3
     errs[rng.random(t) < 0.01] *= 20  # occasional large errors
     xs = np.cumsum(rng.normal(size=(t, f)), axis=0)  # a random walk keeps breaking its range
@@ -100,6 +107,7 @@ def test_matches_the_plain_python_reference() -> None:
     want = np.array([ref.step(errs[i], xs[i], bool(valid[i])) for i in range(t)])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert (got >= 0.6).sum() > 5  # the case exercises detections and the refractory period
+    assert (got == 1.0).sum() > 2  # ... and range breakouts
 
 
 def test_streams_in_one_batch_score_as_if_alone() -> None:
@@ -185,11 +193,46 @@ def test_a_reading_outside_the_seen_range_scores_one() -> None:
 def test_nothing_is_scored_during_warmup() -> None:
     t = 200
     errs = np.ones((t, 1))
-    errs[50] = 1e6
-    xs = np.arange(t, dtype=float).reshape(-1, 1)  # a new maximum every step
+    errs[50] = 100.0  # a record error during warm-up: not scored
+    xs = np.arange(t, dtype=float).reshape(-1, 1) * 10  # a new maximum every step
+    xs[101] = 1e4  # far outside the range: scored once the warm-up is over
     scores = run(errs, xs, {"warmup": 100})
     assert scores[:101].max() == 0.0
     assert scores[101] == 1.0
+
+
+def test_rounding_and_noise_level_new_extremes_do_not_count() -> None:
+    t = 3000
+    xs = (5 + np.sin(2 * np.pi * np.arange(t) / 25)).reshape(-1, 1)
+    assert (np.minimum.accumulate(xs[:, 0])[:-1] > xs[1:, 0]).any()  # rounding: later "new" minima
+    errs = np.full((t, 1), 0.01)
+    assert run(errs, xs).max() < 0.5
+    # Stationary noise keeps setting new extremes, by a fraction of its typical step.
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=(t, 1))
+    old = run(noise, noise, {"margin": 0.0, "novelty": 0.0})
+    new = run(noise, noise)
+    th = detector.DEFAULTS["threshold"]
+    assert (new >= th).sum() * 3 <= (old >= th).sum()
+    # A trend the forecast follows breaks its range every step without alerting.
+    trend = np.arange(t, dtype=float).reshape(-1, 1) + rng.normal(size=(t, 1)) * 0.1
+    assert (run(rng.normal(size=(t, 1)) * 0.1, trend)[200:] >= th).sum() <= 3
+
+
+def test_a_breakout_counts_when_far_or_when_the_forecast_is_also_surprised() -> None:
+    t = 600
+    rng = np.random.default_rng(5)
+    xs = rng.normal(size=(t, 1))
+    errs = xs * 0.5
+    hi = xs[:500].max()
+    far, near = xs.copy(), xs.copy()
+    far[500] = hi + 20  # many typical steps outside the range: counts even though forecast well
+    near[500] = hi + 0.8  # just outside: counts only with a forecast error near its record
+    quiet, loud = errs.copy(), errs.copy()
+    quiet[500], loud[500] = 0.01, 10.0
+    assert run(quiet, far)[500] == 1.0
+    assert run(quiet, near)[500] < 0.5
+    assert run(loud, near)[500] == 1.0
 
 
 def test_first_reading_is_not_scored_and_sets_the_range() -> None:
