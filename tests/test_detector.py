@@ -41,23 +41,42 @@ class Reference:
         self.hi: list[float] = []
         self.last: list[float] = []
         self.jump: list[float] = []
+        self.drift: list[float] = []
+        self.rate = 0.0
+        self.flat: list[float] = []
+        self.flat_max: list[float] = []
 
     def step(self, err: np.ndarray, x: np.ndarray, valid: bool) -> float:
         c = self.c
         if self.lo is None:
-            self.lo, self.hi, self.last, self.jump = list(x), list(x), list(x), [0.0] * len(x)
+            self.lo, self.hi, self.last = list(x), list(x), list(x)
+            self.jump, self.drift = [0.0] * len(x), [0.0] * len(x)
+            self.flat, self.flat_max = [0.0] * len(x), [0.0] * len(x)
             if not valid:
                 return 0.0
         tol = c["tol"]
         # How many typical steps the reading lies outside the range seen (0 inside it).
         out = 0.0
-        for v, lo, h, jump in zip(x, self.lo, self.hi, self.jump):
-            excess = max(v - h, lo - v) - tol * (h - lo)
+        for v, lo, h, jump, d in zip(x, self.lo, self.hi, self.jump, self.drift):
+            excess = max(v - (h + max(d, 0)), (lo + min(d, 0)) - v) - tol * (h - lo)
             if tol >= 0 and excess > 0:
                 out = max(out, min(excess / max(jump, 1e-9 * max(abs(lo), abs(h)), 1e-300), 1e12))
         k = min(self.count + 1, c["span"])
         self.jump = [j + (abs(v - last) - j) / k for v, last, j in zip(x, self.last, self.jump)]
+        k = min(self.count + 1, c["trend"])
+        self.drift = [d + (v - last - d) / k for v, last, d in zip(x, self.last, self.drift)]
+        rate = self.rate  # share of recent readings that broke out, before this one
+        stuck = False  # a run of repeats just became longer than still and twice any before
+        for j, (v, last) in enumerate(zip(x, self.last)):
+            if v == last:
+                self.flat[j] += 1
+                stuck |= c["still"] > 0 and self.flat[j] == max(c["still"], 2 * self.flat_max[j] + 1)
+            else:
+                self.flat_max[j] = max(self.flat_max[j], self.flat[j])
+                self.flat[j] = 0
         steps = [min(abs(v - last) / (h - lo), 1e100) if h > lo else 0.0 for v, last, lo, h in zip(x, self.last, self.lo, self.hi)]
+        if valid:
+            self.rate += (float(out >= c["margin"]) - self.rate) / min(self.count + 1, c["span"])
         self.lo = [min(a, b) for a, b in zip(self.lo, x)]
         self.hi = [max(a, b) for a, b in zip(self.hi, x)]
         self.last = list(x)
@@ -76,7 +95,7 @@ class Reference:
             w = c["persistence"]
             both = g[0] ** (1 - w) * g[1] ** w
             raw = both / (1 + both)
-            if out >= c["margin"] and out * g[0] >= c["novelty"]:
+            if stuck or (out >= c["margin"] and out * g[0] >= c["novelty"] * (1 + c["habit"] * rate)):
                 raw = 1.0
         if self.quiet > 0:
             self.quiet -= 1
@@ -95,19 +114,22 @@ class Reference:
 def test_matches_the_plain_python_reference() -> None:
     rng = np.random.default_rng(7)
     t, f = 1500, 2
-    cfg = {"block": 10, "warmup": 30, "smooth": 3, "tol": 0.05, "refractory": 7, "threshold": 0.6,
-           "persistence": 0.3, "span": 20, "margin": 0.3}
+    cfg = {"block": 10, "warmup": 30, "smooth": 3, "tol": 0.05, "refractory": 7, "threshold": 0.5,
+           "persistence": 0.3, "span": 20, "margin": 0.3, "trend": 100, "habit": 3,
+           "still": 4}
     errs = rng.standard_t(3, size=(t, f)) * 0.3
     errs[rng.random(t) < 0.01] *= 20  # occasional large errors
     xs = np.cumsum(rng.normal(size=(t, f)), axis=0)  # a random walk keeps breaking its range
+    for a in (300, 700, 720, 1100):  # runs of repeats: 5, 3, 12, 8 readings long
+        xs[a : a + [5, 3, 12, 8][[300, 700, 720, 1100].index(a)], 0] = xs[a - 1, 0]
     valid = np.ones(t, bool)
     valid[0] = False
     got = run(errs, xs, cfg, valid)
     ref = Reference(cfg, f)
     want = np.array([ref.step(errs[i], xs[i], bool(valid[i])) for i in range(t)])
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    assert (got >= 0.6).sum() > 5  # the case exercises detections and the refractory period
-    assert (got == 1.0).sum() > 2  # ... and range breakouts
+    assert (got >= 0.5).sum() > 5  # the case exercises detections and the refractory period
+    assert (got == 1.0).sum() >= 2  # ... and range breakouts
 
 
 def test_streams_in_one_batch_score_as_if_alone() -> None:
@@ -190,6 +212,22 @@ def test_a_reading_outside_the_seen_range_scores_one() -> None:
     assert wide[350] < 0.6
 
 
+def test_a_flat_line_longer_than_any_before_scores_one_once() -> None:
+    rng = np.random.default_rng(6)
+    t = 1000
+    xs = rng.normal(size=(t, 1))
+    errs = xs * 0.5
+    xs[300:304] = xs[299]  # 4 repeats: shorter than still (10), part of the stream's habits
+    xs[600:640] = xs[599]  # stuck for 40 readings
+    def flat_alerts(xs: np.ndarray) -> list[int]:  # what the flat-line rule adds
+        return np.flatnonzero((run(errs, xs) == 1.0) & (run(errs, xs, {"still": 0}) < 1.0)).tolist()
+
+    assert flat_alerts(xs) == [609]  # its 10th repeat
+    # A stream that often repeats a value needs a run more than twice its longest.
+    xs[400:412] = xs[399]  # 12 repeats
+    assert flat_alerts(xs) == [409, 624]  # 10th repeat of the first long run; 25th > 2 x 12
+
+
 def test_nothing_is_scored_during_warmup() -> None:
     t = 200
     errs = np.ones((t, 1))
@@ -206,17 +244,22 @@ def test_rounding_and_noise_level_new_extremes_do_not_count() -> None:
     xs = (5 + np.sin(2 * np.pi * np.arange(t) / 25)).reshape(-1, 1)
     assert (np.minimum.accumulate(xs[:, 0])[:-1] > xs[1:, 0]).any()  # rounding: later "new" minima
     errs = np.full((t, 1), 0.01)
-    assert run(errs, xs).max() < 0.5
+    th = detector.DEFAULTS["threshold"]
+    assert run(errs, xs).max() < th  # (constant errors score 0.5: each equals its record)
     # Stationary noise keeps setting new extremes, by a fraction of its typical step.
     rng = np.random.default_rng(4)
     noise = rng.normal(size=(t, 1))
     old = run(noise, noise, {"margin": 0.0, "novelty": 0.0})
     new = run(noise, noise)
-    th = detector.DEFAULTS["threshold"]
     assert (new >= th).sum() * 3 <= (old >= th).sum()
     # A trend the forecast follows breaks its range every step without alerting.
     trend = np.arange(t, dtype=float).reshape(-1, 1) + rng.normal(size=(t, 1)) * 0.1
     assert (run(rng.normal(size=(t, 1)) * 0.1, trend)[200:] >= th).sum() <= 3
+    # A trend under heavier noise keeps setting new extremes by noise-sized margins: a stream
+    # that breaks out this often needs more evidence for each breakout.
+    noisy = np.arange(t, dtype=float).reshape(-1, 1) * 0.01 + rng.normal(size=(t, 1)) * 0.1
+    white = rng.normal(size=(t, 1))
+    assert (run(white, noisy) >= th).sum() * 1.5 <= (run(white, noisy, {"habit": 0}) >= th).sum()
 
 
 def test_a_breakout_counts_when_far_or_when_the_forecast_is_also_surprised() -> None:
@@ -229,7 +272,7 @@ def test_a_breakout_counts_when_far_or_when_the_forecast_is_also_surprised() -> 
     far[500] = hi + 20  # many typical steps outside the range: counts even though forecast well
     near[500] = hi + 0.8  # just outside: counts only with a forecast error near its record
     quiet, loud = errs.copy(), errs.copy()
-    quiet[500], loud[500] = 0.01, 10.0
+    quiet[495:501], loud[500] = 0.01, 10.0  # the forecast was good lately / missed badly
     assert run(quiet, far)[500] == 1.0
     assert run(quiet, near)[500] < 0.5
     assert run(loud, near)[500] == 1.0

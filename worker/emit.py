@@ -75,21 +75,32 @@ class BatchSender:
 
     async def send(self, records: Sequence[Record]) -> None:
         groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
+        cache = self._cache
+        last_key: Any = None
+        group: list[tuple[bytes | None, bytes]] = []
         for topic, key, value in records:
-            tp = (topic, await self._partition(topic, key))
-            group = groups.get(tp)
-            if group is None:
-                group = groups[tp] = []
+            tk = (topic, key)
+            if tk != last_key:  # a stream's records often come one after another: one lookup
+                p = cache.get(tk)  # no await per record: a coroutine costs more than the lookup
+                if p is None:
+                    p = await self._partition(topic, key)
+                tp = (topic, p)
+                got = groups.get(tp)
+                if got is None:
+                    got = groups[tp] = []
+                group, last_key = got, tk
             group.append((key, value))
         futures = []
         producer = self.producer
         for (topic, partition), items in groups.items():
             batch = producer.create_batch()
+            append = batch.append
             for key, value in items:
-                if batch.append(key=key, value=value, timestamp=None) is None:
+                if append(key=key, value=value, timestamp=None) is None:
                     futures.append(await producer.send_batch(batch, topic, partition=partition))
                     batch = producer.create_batch()
-                    if batch.append(key=key, value=value, timestamp=None) is None:
+                    append = batch.append
+                    if append(key=key, value=value, timestamp=None) is None:
                         raise ValueError(f"a record of {len(value)} bytes does not fit in a record batch")
             if batch.record_count():
                 futures.append(await producer.send_batch(batch, topic, partition=partition))

@@ -201,6 +201,9 @@ class WorkerMetrics:
                                  "(decode, load, kernel, emit, save, total).", labels=("stage",))
         self.redis_rtt = r.histogram("lstream_redis_roundtrip_seconds", "Redis round-trip time, by operation.",
                                      labels=("op",))
+        self.cache = r.counter("lstream_state_cache_lookups_total",
+                               "Stream states looked up in the worker's memory before a batch: hit (no Redis "
+                               "read needed) or miss (read from Redis).", labels=("result",))
         self.lag = r.gauge("lstream_consumer_lag", "Messages behind the partition's high watermark, "
                                                    "where the broker reports it.", labels=("partition",))
         self.up = r.gauge("lstream_up", "1 while the worker is consuming, 0 during an outage.",

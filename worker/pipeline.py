@@ -33,6 +33,42 @@ offsets). Why this order, and why nothing is lost or applied twice:
 
 Redis and broker errors never drop a batch: every round trip is retried with backoff until
 it succeeds (logged once per outage), so the batch is neither committed nor skipped.
+
+**Held states (the cache).** Step 3 reads Redis only for streams the worker does not hold:
+after computing a batch it keeps each stream's new state and position in memory
+(worker/cache.py), and the next batch of that stream starts from there. Redis, with its
+fenced saves, stays the source of truth; a held state is only a shortcut for a load that
+would return the same thing. That holds as long as the worker has seen every event of the
+stream since the state was last read from Redis, in order, and nobody else has written it.
+The worker makes sure of it as follows:
+
+- A stream's events come from one partition, in order, and a consumer that keeps its
+  partition reads it without gaps; so the held chain of states misses no event and applies
+  none twice, exactly like a load-compute-save chain through Redis.
+- When partitions move (every rebalance: revoke or assign) every held state is dropped:
+  another worker may have advanced those streams meanwhile.
+- When a save is refused by the fence (a newer position is stored: another worker, e.g. one
+  that took the partition over while this one was stalled, got further), that stream's held
+  state is dropped and read again from Redis. A batch that read the cache before such a drop
+  does not write its states back into it (``StateCache.generation``).
+- When a batch fails, every held state is dropped before it is retried.
+- A held state is read from Redis again at least every ``cache_age`` seconds (30 by
+  default), so a change made behind the worker's back, such as ``lstream state reset`` while
+  the worker runs, takes effect within that time. (Without the cache it took effect at the
+  stream's next batch, but a reset racing a batch in flight was overwritten just the same.)
+
+Whatever the cache holds, the fence still decides what is written: a save applies only at a
+position newer than the stored one, so replays never apply twice and a stale worker never
+moves a stream back. What the cache can change, in the situations above that it does not
+detect (a stream sent under two keys at once to partitions owned by two workers, against
+the contract), is which worker's chain of states the newest save reflects.
+
+**Overlapping batches.** The worker uses :meth:`Pipeline.submit`: it computes batch N+1
+(steps 1-5, in memory) while batch N is being delivered and saved (steps 6-7), and
+acknowledges each batch only after its own outputs are delivered and its states saved. At
+most one batch is in flight; batch N+1 starts its steps 6-7 only after batch N finished
+them, so outputs stay in order per stream and saves in order per position. A stream of batch
+N that batch N+1 must read from Redis (not held) is read only after batch N saved it.
 """
 
 from __future__ import annotations
@@ -50,7 +86,9 @@ import orjson
 
 from kernels.engine import Engine, StreamStates
 from state.errors import StateUnavailable
+from state.store import Loaded
 from worker import events as ev
+from worker.cache import StateCache
 from worker.events import Event, RawMessage, Rejection
 from worker.metrics import WorkerMetrics
 
@@ -158,12 +196,30 @@ def broker_retryable(exc: BaseException) -> bool:
     return not isinstance(exc, (TypeError, AttributeError, NameError))
 
 
+@dataclass
+class Prepared:
+    """A batch computed by :meth:`Pipeline.prepare`, waiting for :meth:`Pipeline.finish`."""
+
+    messages: Sequence[RawMessage]
+    res: BatchResult
+    records: list[OutRecord]
+    save: tuple[list[str], StreamStates, list[Event]] | None
+    ids: frozenset[str]  # every stream the batch touched
+    seconds: dict[str, float]
+
+
 class Pipeline:
-    """Processes micro-batches for one model (see the module docstring for the order)."""
+    """Processes micro-batches for one model (see the module docstring for the order).
+
+    ``cache``: keep the states this worker saved in memory (:class:`worker.cache.StateCache`)
+    and skip their Redis load; 0 turns it off. ``cache_age``: read a held state from Redis
+    again after this many seconds at the latest.
+    """
 
     def __init__(self, engine: Engine, store: Any, emit: Emit, *, topics: Topics = Topics(),
                  metrics: WorkerMetrics | None = None, max_bytes: int = 1_000_000, policy: str = "reset",
-                 redis_outage: Outage | None = None, broker_outage: Outage | None = None) -> None:
+                 redis_outage: Outage | None = None, broker_outage: Outage | None = None,
+                 cache: int = 50_000, cache_age: float = 30.0) -> None:
         self.engine = engine
         self.model = engine.model
         self.store = store
@@ -176,24 +232,101 @@ class Pipeline:
         self.broker = broker_outage or Outage("broker", self.metrics)
         self.version = self.model.version
         self.num_features = self.model.input_size
+        self.cache = StateCache(engine.new_states, max_entries=cache, max_age=cache_age) if cache > 0 else None
         # Last input offset handled per partition (for the lag gauge).
         self.positions: dict[int, int] = {}
         self.last_batch_at: float | None = None
+        # The batch being finished in the background (see submit) and the streams it touched.
+        self._tail: asyncio.Future[Any] | None = None
+        self._tail_ids: frozenset[str] = frozenset()
 
     # ------------------------------------------------------------------ batch
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
-        m = self.metrics
+        """One batch, start to end: when this returns, outputs are delivered and states saved."""
+        prepared = await self.prepare(messages)
+        await self.flush()
+        return await self.finish(prepared)
+
+    async def submit(self, messages: Sequence[RawMessage], done: Callable[[], Awaitable[Any]] | None = None,
+                     retry_delay: float = 0.1) -> None:
+        """Overlap batches: compute this one now, while the previous one is still being
+        delivered and saved; then finish it in the background (emit, save, then ``done()``,
+        which acknowledges it). Returns when this batch is computed and the previous one is
+        finished, so at most one batch is ever in flight and they finish in order. Errors are
+        logged and the step retried (never skipped): see :meth:`flush` to wait for the end."""
+        delay = retry_delay
+        while True:
+            try:
+                prepared = await self.prepare(messages)
+                break
+            except Exception as exc:  # noqa: BLE001 - a batch is retried, never dropped
+                log.exception("batch of %d message(s) failed (%s: %s); retrying in %.1f s",
+                              len(messages), type(exc).__name__, exc, delay)
+                self.forget()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        await self.flush()
+
+        async def finish() -> None:
+            wait = retry_delay
+            while True:
+                try:
+                    await self.finish(prepared)
+                    break
+                except Exception as exc:  # noqa: BLE001 - delivered and saved again: idempotent
+                    log.exception("finishing a batch of %d message(s) failed (%s: %s); retrying in %.1f s",
+                                  len(messages), type(exc).__name__, exc, wait)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, 10.0)
+            if done is not None:
+                await done()
+
+        self._tail_ids = prepared.ids
+        self._tail = asyncio.ensure_future(finish())
+        # Let the producer write this batch's outputs to the socket before the caller computes
+        # the next batch (a long stretch without awaits), or they would wait for that too.
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def flush(self) -> None:
+        """Wait until the batch in flight (if any) is delivered, saved and acknowledged."""
+        tail = self._tail
+        if tail is not None:
+            await asyncio.shield(tail)
+            if self._tail is tail:
+                self._tail, self._tail_ids = None, frozenset()
+
+    def abandon(self) -> None:
+        """Stop finishing the batch in flight (when stopping during an outage): it is not
+        acknowledged, so it is read and computed again at the next start."""
+        if self._tail is not None:
+            self._tail.cancel()
+            self._tail, self._tail_ids = None, frozenset()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop every held state (after a rebalance or an error): the next batches read Redis."""
+        if self.cache is not None:
+            self.cache.clear()
+
+    async def prepare(self, messages: Sequence[RawMessage]) -> Prepared:
+        """Decode, load, check and compute a batch; nothing is sent or saved yet."""
         t0 = time.perf_counter()
         res = BatchResult(messages=len(messages))
         events, rejected = ev.decode_batch(messages, self.topics.input, self.num_features, self.max_bytes)
         groups: dict[str, list[Event]] = {}
         for e in events:
-            groups.setdefault(e.stream_id, []).append(e)
+            g = groups.get(e.stream_id)
+            if g is None:
+                groups[e.stream_id] = [e]
+            else:
+                g.append(e)
         ids = list(groups)
         t1 = time.perf_counter()
 
-        loaded = await self._load(ids) if ids else None
+        generation = self.cache.generation if self.cache is not None else 0
+        ids, loaded, born = await self._states(ids) if ids else (ids, None, None)
         t2 = time.perf_counter()
 
         plans = self._plan(ids, groups, loaded, rejected, res) if loaded is not None else []
@@ -201,11 +334,26 @@ class Pipeline:
         save: tuple[list[str], StreamStates, list[Event]] | None = None
         if loaded is not None:
             save = self._compute(ids, plans, loaded.states, records, res)
-        t3 = time.perf_counter()
-
         for r in rejected:
             records.append((self.topics.dlq, r.key, orjson.dumps(ev.dead_letter(r))))
             res.rejected[r.code] = res.rejected.get(r.code, 0) + 1
+        if self.cache is not None and save is not None and save[0]:
+            sids, states, last = save
+            if self.cache.generation == generation:
+                self.cache.put(sids, states, [e.partition for e in last], [e.offset for e in last],
+                               [e.index or 0 for e in last], [e.ts for e in last], [e.event_id for e in last],
+                               born[[i for i, plan in enumerate(plans) if plan]])
+            else:  # dropped or cleared meanwhile: what we read may be stale, read Redis next time
+                self.cache.drop(sids)
+        t3 = time.perf_counter()
+        return Prepared(messages, res, records, save, frozenset(ids),
+                        {"decode": t1 - t0, "load": t2 - t1, "kernel": t3 - t2})
+
+    async def finish(self, p: Prepared) -> BatchResult:
+        """Deliver the outputs, then save the states (fenced); the caller acknowledges after."""
+        m = self.metrics
+        res, records, save = p.res, p.records, p.save
+        t3 = time.perf_counter()
         if records:
             await self.broker.run(lambda: self.emit(records), broker_retryable)
         t4 = time.perf_counter()
@@ -214,14 +362,19 @@ class Pipeline:
             sids, states, last = save
             applied = await self._save(sids, states, last)
             res.fenced = int(len(sids) - applied.sum())
+            if res.fenced and self.cache is not None:
+                # Someone else saved a newer position: our copies are not the truth, reload them.
+                self.cache.drop([s for s, ok in zip(sids, applied.tolist()) if not ok])
         t5 = time.perf_counter()
 
-        for msg in messages:
-            self.positions[msg.partition] = max(msg.offset, self.positions.get(msg.partition, -1))
+        positions = self.positions
+        for msg in p.messages:
+            if msg.offset > positions.get(msg.partition, -1):
+                positions[msg.partition] = msg.offset
         self.last_batch_at = time.time()
         m.batches.inc()
-        m.events_in.inc(len(messages))
-        m.batch_size.observe(len(messages))
+        m.events_in.inc(len(p.messages))
+        m.batch_size.observe(len(p.messages))
         m.applied.inc(res.applied)
         m.predictions.inc(res.predictions)
         m.alerts.inc(res.alerts)
@@ -230,8 +383,9 @@ class Pipeline:
         m.duplicates.inc(res.rejected.get(ev.DUPLICATE, 0))
         for code, k in res.rejected.items():
             m.rejected.inc(k, code=code)
-        for stage, dt in (("decode", t1 - t0), ("load", t2 - t1), ("kernel", t3 - t2), ("emit", t4 - t3),
-                          ("save", t5 - t4), ("total", t5 - t0)):
+        sec = p.seconds
+        for stage, dt in (("decode", sec["decode"]), ("load", sec["load"]), ("kernel", sec["kernel"]),
+                          ("emit", t4 - t3), ("save", t5 - t4), ("total", sum(sec.values()) + t5 - t3)):
             m.stage.observe(dt, stage=stage)
         if res.fenced:
             log.warning("%d stream state(s) not saved: a newer position is already stored (another worker "
@@ -239,6 +393,35 @@ class Pipeline:
         return res
 
     # ------------------------------------------------------------ the stages
+
+    async def _states(self, ids: list[str]) -> tuple[list[str], Any, np.ndarray | None]:
+        """The states of ``ids``: held ones from the cache, the others from Redis. Returns the
+        ids reordered (held first), the states in that order, and when each chain was read
+        from Redis (None without a cache)."""
+        cache = self.cache
+        if cache is None:
+            return ids, await self._load(ids), None
+        now = time.monotonic()
+        hit, miss = cache.split(ids, now)
+        self.metrics.cache.inc(len(hit), result="hit")
+        self.metrics.cache.inc(len(miss), result="miss")
+        if not miss:
+            return ids, cache.get(ids), cache.born(ids)
+        missing = [ids[i] for i in miss]
+        # A stream of the batch in flight must not be read from Redis before that batch saved it.
+        if self._tail is not None and not self._tail_ids.isdisjoint(missing):
+            await self.flush()
+        loaded = await self._load(missing)
+        if not hit:
+            return ids, loaded, np.full(len(ids), now)
+        held = [ids[i] for i in hit]
+        part = cache.get(held)
+        both = Loaded(StreamStates.concat([part.states, loaded.states]),
+                      *(np.concatenate([getattr(part, f), getattr(loaded, f)])
+                        for f in ("partition", "offset", "index", "ts")),
+                      part.event_id + loaded.event_id,
+                      np.concatenate([part.found, loaded.found]), np.concatenate([part.reset, loaded.reset]))
+        return held + missing, both, np.concatenate([cache.born(held), np.full(len(missing), now)])
 
     async def _load(self, ids: list[str]) -> Any:
         async def op() -> Any:
@@ -310,48 +493,86 @@ class Pipeline:
         st = states if len(rows) == len(ids) else states.take(np.asarray(rows))
         plans = [plans[i] for i in rows]
         sids = [ids[i] for i in rows]
+        keys = [sid.encode() for sid in sids]
+        # The prediction JSON is assembled from bytes: the per-stream head, the fixed text and
+        # the numbers, each column formatted by one orjson call (the same bytes orjson.dumps of
+        # the whole dict gives, in a third of the time).
+        heads = [b'{"stream_id":"%b","ts":' % k for k in keys]  # stream ids need no JSON escapes
         counts = np.array([len(p) for p in plans])
         res.streams = len(rows)
         res.steps = int(counts.max())
         topics, version, thr = self.topics, self.version, self.engine.threshold
+        template = (b'%b%b,"source":{"topic":' + orjson.dumps(topics.input) + b',"partition":%d,"offset":%d%b},'
+                    b'"step":%d,"model":' + orjson.dumps(version) + b',"actual":%b,"expected":%b,"forecast":%b,'
+                    b'"score":%b,"anomaly":%b}')
+        pred_topic = topics.predictions
         dumps = orjson.dumps
+        # Per stream, its predictions in order; sent stream after stream, so the sender looks
+        # up a stream's partition once per batch rather than once per record.
+        per_stream: list[list[OutRecord]] = [[] for _ in rows]
+        alert_records: list[OutRecord] = []
         for j in range(res.steps):
             active = np.flatnonzero(counts > j)
+            act = active.tolist()
             whole = len(active) == len(st)
             sub = st if whole else st.take(active)
-            x = np.stack([plans[r][j].values for r in active])
+            evs = [plans[r][j] for r in act]
+            x = np.array([e.values for e in evs])
             out = self.engine.advance(sub, x)
             if not whole:
                 st.put(active, sub)
             steps = sub.steps.tolist()
-            forecast = out.forecast.tolist()
-            expected = out.expected.tolist()
-            score = out.score.tolist()
-            anomaly = out.anomaly.tolist()
+            actual = _json_rows(x)
+            forecast = _json_rows(out.forecast)
+            expected = _json_rows(out.expected)
+            score = _json_items(out.score)
+            ts = _json_items(np.array([e.ts for e in evs]))
+            anomaly = [b"true" if a else b"false" for a in out.anomaly.tolist()]
+            for k, r in enumerate(act):
+                e = evs[k]
+                per_stream[r].append((pred_topic, keys[r], template % (
+                    heads[r], ts[k], e.partition, e.offset, b"" if e.index is None else b',"index":%d' % e.index,
+                    steps[k], actual[k], b"null" if steps[k] == 1 else expected[k], forecast[k], score[k],
+                    anomaly[k])))
             alerts = np.flatnonzero(out.alert).tolist()
-            for k, r in enumerate(active.tolist()):
-                e = plans[r][j]
+            for k in alerts:
+                r = act[k]
+                e = evs[k]
                 source: dict[str, Any] = {"topic": topics.input, "partition": e.partition, "offset": e.offset}
                 if e.index is not None:
                     source["index"] = e.index
-                exp = None if steps[k] == 1 else expected[k]
-                key = sids[r].encode()
-                actual = e.values.tolist()
-                records.append((topics.predictions, key, dumps({
-                    "stream_id": sids[r], "ts": e.ts, "source": source, "step": steps[k], "model": version,
-                    "actual": actual, "expected": exp, "forecast": forecast[k], "score": score[k],
-                    "anomaly": anomaly[k]})))
-            for k in alerts:
-                r = int(active[k])
-                e = plans[r][j]
-                source = {"topic": topics.input, "partition": e.partition, "offset": e.offset}
-                if e.index is not None:
-                    source["index"] = e.index
-                records.append((topics.alerts, sids[r].encode(), dumps({
-                    "stream_id": sids[r], "ts": e.ts, "source": source, "score": score[k], "threshold": thr,
-                    "severity": severity(score[k], thr), "expected": None if steps[k] == 1 else expected[k],
+                score_k = float(out.score[k])
+                alert_records.append((topics.alerts, keys[r], dumps({
+                    "stream_id": sids[r], "ts": e.ts, "source": source, "score": score_k, "threshold": thr,
+                    "severity": severity(score_k, thr),
+                    "expected": None if steps[k] == 1 else out.expected[k].tolist(),
                     "actual": e.values.tolist(), "model": version})))
             res.alerts += len(alerts)
             res.predictions += len(active)
+        for recs in per_stream:
+            records.extend(recs)
+        records.extend(alert_records)
         res.applied = int(counts.sum())
         return sids, st, [p[-1] for p in plans]
+
+
+def _json_items(a: np.ndarray) -> list[bytes]:
+    """JSON text of each number of a 1-d array (orjson's formatting; NaN and inf as null).
+
+    >>> _json_items(np.array([0.5, 1e-7, np.nan]))
+    [b'0.5', b'1e-7', b'null']
+    """
+    return orjson.dumps(a.tolist())[1:-1].split(b",")
+
+
+def _json_rows(a: np.ndarray) -> list[bytes]:
+    """JSON text of each row of a 2-d array, as lists.
+
+    >>> _json_rows(np.array([[1.5, 2.0], [3.0, np.nan]]))
+    [b'[1.5,2.0]', b'[3.0,null]']
+    >>> _json_rows(np.array([[1.5], [0.25]]))
+    [b'[1.5]', b'[0.25]']
+    """
+    if a.shape[1] == 1:
+        return [b"[%b]" % v for v in _json_items(a[:, 0])]
+    return [b"[%b]" % v for v in orjson.dumps(a.tolist())[2:-2].split(b"],[")]

@@ -30,7 +30,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="also report the scores at this fixed threshold (default: the engine's threshold)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a detector setting for this run, e.g. --set window=2000 (repeatable)")
+                   help="override a detector setting for this run, e.g. --set still=0 (repeatable)")
     p.add_argument("--workers", type=int, default=2, help="processes, one file each at a time (default 2)")
     p.add_argument("--per-file", action="store_true", help="print each file's standard-profile contribution")
     p.add_argument("--cut-probationary", default=None, metavar="DIR",
