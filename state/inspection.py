@@ -45,13 +45,13 @@ def _list(a: Any) -> Any:
     return [_list(v) for v in arr] if arr.ndim > 1 else [_num(v) for v in arr.tolist()]
 
 
-def detector_fields() -> tuple[str, ...] | None:
-    """Names of the anomaly statistics (``kernels.detector.FIELDS``), if that module is there."""
+def detector_fields(num_features: int) -> tuple[str, ...] | None:
+    """Names of the anomaly statistics for a model with ``num_features`` features."""
     try:
-        from kernels.detector import FIELDS
+        from kernels.detector import field_names
     except ImportError:
         return None
-    return tuple(FIELDS)
+    return tuple(field_names(num_features))
 
 
 def describe(record: Mapping[str, Any], *, now: float | None = None,
@@ -87,7 +87,9 @@ def describe(record: Mapping[str, Any], *, now: float | None = None,
         out["norm_stats"] = None
     anomaly = record.get("anomaly")
     out["anomaly"] = _list(anomaly)
-    names = tuple(anomaly_fields) if anomaly_fields is not None else detector_fields()
+    pred = record.get("pred")
+    num_features = len(pred) if pred is not None else 1
+    names = tuple(anomaly_fields) if anomaly_fields is not None else detector_fields(num_features)
     if anomaly is None:
         out["anomaly_fields"], out["anomaly_stats"] = None, None
     else:

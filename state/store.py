@@ -177,6 +177,7 @@ class StateStore:
         self.stale = 0  # saves refused: position not newer than the stored one
         self.duplicates = 0  # saves refused: event_id equal to the stored one
         self.retried = 0  # round trips repeated after a connection error
+        self.detector_resets = 0  # anomaly statistics of another detector layout, started afresh
         self._build_templates()
 
     # ----------------------------------------------------------------- setup
@@ -287,7 +288,8 @@ class StateStore:
     def counters(self) -> dict[str, int]:
         """Counters for the worker's /metrics."""
         return {"loads": self.loads, "resets": self.resets, "applied": self.applied, "stale": self.stale,
-                "duplicates": self.duplicates, "retried": self.retried}
+                "duplicates": self.duplicates, "retried": self.retried,
+                "detector_resets": self.detector_resets}
 
     # ----------------------------------------------------------- round trips
 
@@ -433,6 +435,13 @@ class StateStore:
                     continue
             for j, v in zip(ok, vals):  # slow path: a missing field keeps the fresh value, a bad one is an error
                 if v is None:
+                    continue
+                if field == "anomaly" and len(v) != width:
+                    # Written by another lstream version's detector: its statistics cannot be
+                    # read back, so the detector starts afresh (and warms up again) while the
+                    # LSTM state, which belongs to the same model, is kept. Counted.
+                    self.detector_resets += 1
+                    dest[j] = 0.0
                     continue
                 if len(v) != width:
                     raise StateError(f"stream {ids[j]!r}: field {field}: expected {width} bytes (shape {shape}), "

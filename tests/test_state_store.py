@@ -177,6 +177,31 @@ def test_hash_written_by_hand_reads_back(redis_url: str) -> None:
     np.testing.assert_array_equal(rec["c"], c)
 
 
+def test_statistics_of_another_detector_layout_restart_the_detector_only(redis_url: str) -> None:
+    """A state whose ``anomaly`` blob has another length (an older detector) keeps its LSTM state;
+    the detector statistics start afresh, and that is counted."""
+    sid = f"{tag()}-olddet"
+    h = np.full((L, H), 0.25, np.float32)
+    r = redis.Redis.from_url(redis_url)
+    r.hset(codec.state_key(sid), mapping={
+        "h": h.tobytes(), "c": h.tobytes(), "pred": np.zeros(2, "<f4").tobytes(), "model": "m-test",
+        "steps": "7", "partition": "0", "offset": "5", "index": "0", "ts": "1.0", "norm": np.ones(5).tobytes(),
+        "anomaly": np.ones(3).tobytes(), "episode": "-1", "updated_at": "2.0"})
+
+    async def go() -> tuple[Any, dict[str, int]]:
+        store = await aconnect(redis_url)
+        loaded = await store.load([sid, f"{tag()}-new"])
+        counters = store.counters()
+        await store.close()
+        return loaded, counters
+
+    loaded, counters = run(go)
+    np.testing.assert_array_equal(loaded.states.h[0], h)
+    assert loaded.states.steps[0] == 7 and not loaded.reset[0]
+    assert not loaded.states.anomaly.any()
+    assert counters["detector_resets"] == 1
+
+
 def test_corrupt_hash_is_a_clear_error(redis_url: str) -> None:
     sid = f"{tag()}-bad"
     redis.Redis.from_url(redis_url).hset(codec.state_key(sid), mapping={

@@ -381,6 +381,7 @@ def test_http_views(run):
     assert values["lstream_duplicates_skipped_total"] == 1
     assert values['lstream_stage_seconds_count{stage="kernel"}'] == values["lstream_batches_total"]
     assert any(k.startswith("lstream_redis_roundtrip_seconds_bucket") for k in values)
+    assert values['lstream_state_resets{kind="model"}'] == 0 and values['lstream_state_resets{kind="detector"}'] == 0
     assert "# TYPE lstream_consumer_lag gauge" in text
     assert values['lstream_up{service="redis"}'] == 1 and values['lstream_up{service="broker"}'] == 1
 

@@ -154,6 +154,9 @@ class Runtime:
                                        hidden_size=m.hidden_size, input_size=m.input_size, ttl=s.state_ttl,
                                        policy="reset", retries=3),
             redis_retryable)
+        store = self.store
+        self.metrics.state_resets.fn = lambda: {("model",): float(store.resets),
+                                                ("detector",): float(store.detector_resets)}
         self.pipeline = Pipeline(self.engine, self.store, self.emit, topics=self.topics, metrics=self.metrics,
                                  max_bytes=s.max_message_bytes, policy=s.model_policy,
                                  redis_outage=self.redis_outage, broker_outage=self.broker_outage)

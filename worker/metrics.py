@@ -206,6 +206,11 @@ class WorkerMetrics:
                                "read needed) or miss (read from Redis).", labels=("result",))
         self.lag = r.gauge("lstream_consumer_lag", "Messages behind the partition's high watermark, "
                                                    "where the broker reports it.", labels=("partition",))
+        self.state_resets = r.gauge("lstream_state_resets",
+                                    "Stored states found unusable since start: kind=model (another model "
+                                    "version: started fresh under policy reset, dead-lettered under refuse) "
+                                    "or detector (another detector layout: its statistics restart).",
+                                    labels=("kind",))
         self.up = r.gauge("lstream_up", "1 while the worker is consuming, 0 during an outage.",
                           labels=("service",))
 
