@@ -17,24 +17,12 @@ from training.replay import replay_streams
 from worker.events import RawMessage
 from worker.pipeline import Pipeline
 
-from tests.workerutil import event, series_data, small_model
+from tests.workerutil import Collect, event, series_data, small_model
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     return load_model(small_model(tmp_path_factory.mktemp("model")))
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, bytes | None, bytes]] = []
-
-    async def __call__(self, records):
-        await asyncio.sleep(0.001)  # a real emit waits for the broker: let other work interleave
-        self.records.extend(records)
-
-    def on(self, topic: str) -> list[dict]:
-        return [orjson.loads(v) for t, _, v in self.records if t == topic]
 
 
 async def _store(model, redis_url: str, prefix: str) -> StateStore:
@@ -60,7 +48,7 @@ def test_refused_save_drops_the_held_state_so_the_next_batch_reads_redis(model, 
 
     async def run():
         sa, sb = await _store(model, redis_url, prefix), await _store(model, redis_url, prefix)
-        a, b = Pipeline(Engine(model), sa, Collect()), Pipeline(Engine(model), sb, Collect())
+        a, b = Pipeline(Engine(model), sa, Collect(delay=0.001)), Pipeline(Engine(model), sb, Collect(delay=0.001))
         await a.process(_msgs(sid, ts, vals, 0, 10))
         await b.process(_msgs(sid, ts, vals, 10, 20))
         late = await a.process(_msgs(sid, ts, vals, 10, 15))
@@ -92,7 +80,7 @@ def test_overlapped_batches_ack_in_order_after_saving_and_match_replay(model, re
     async def run():
         store = await _store(model, redis_url, prefix)
         probe = await _store(model, redis_url, prefix)
-        sink = Collect()
+        sink = Collect(delay=0.001)
         pipe = Pipeline(Engine(model), store, sink, cache_age=cache_age)
         acked: list[tuple[int, int]] = []
 
@@ -133,7 +121,7 @@ def test_a_state_changed_behind_the_worker_is_seen_after_cache_age(model, redis_
 
     async def run(cache_age: float):
         store = await _store(model, redis_url, prefix + str(cache_age))
-        pipe = Pipeline(Engine(model), store, Collect(), cache_age=cache_age)
+        pipe = Pipeline(Engine(model), store, Collect(delay=0.001), cache_age=cache_age)
         await pipe.process(_msgs(sid, ts, vals, 0, 3))
         await store.reset(sid)  # e.g. `lstream state reset` while the worker runs
         await pipe.process(_msgs(sid, ts, vals, 3, 6))

@@ -17,23 +17,12 @@ from training.replay import replay_streams
 from worker.events import RawMessage
 from worker.pipeline import Pipeline, Topics
 
-from tests.workerutil import event, series_data, small_model, spike_series
+from tests.workerutil import Collect, event, series_data, small_model, spike_series
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     return load_model(small_model(tmp_path_factory.mktemp("model")))
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, bytes | None, bytes]] = []
-
-    async def __call__(self, records):
-        self.records.extend(records)
-
-    def on(self, topic: str) -> list[dict]:
-        return [orjson.loads(v) for t, _, v in self.records if t == topic]
 
 
 async def _pipeline(model, redis_url: str, policy: str = "reset", engine: Engine | None = None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,20 @@ def series_data(n_streams: int, n_steps: int, seed: int = 0, features: int = 1) 
         vals = offset + scale * (base + 0.1 * rng.normal(size=(n_steps, features)))
         out.append((f"s-{i:03d}", 1_700_000_000.0 + 60.0 * t, vals))
     return out
+
+
+class Collect:
+    """An ``emit`` for pipeline tests: keeps the records; ``delay`` stands in for the wait on a
+    real broker, so that other work can interleave."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.records: list[tuple[str, bytes | None, bytes]] = []
+
+    async def __call__(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        self.records.extend(records)
+
+    def on(self, topic: str) -> list[dict[str, Any]]:
+        return [orjson.loads(v) for t, _, v in self.records if t == topic]
