@@ -23,4 +23,7 @@ API (async, ``redis.asyncio`` + hiredis)::
     await store.close()
 
     from state.inspection import describe   # record -> JSON-ready dict (CLI --json, GET /streams/{id})
+
+Redis Cluster: the same URL form naming any node; ``connect`` sees ``cluster_enabled:1`` in
+``INFO cluster`` and splits every batch by primary (see :mod:`state.cluster`).
 """

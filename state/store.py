@@ -13,6 +13,12 @@ redis-py connection, because redis-py's per-command machinery would cost more cl
 the whole save. Connection errors are retried with exponential backoff: a save is idempotent
 (the fence refuses what is already there, and recognises its own write after a lost reply).
 
+Redis Cluster: :meth:`StateStore.connect` asks the node it is given ``INFO cluster``; if it
+says ``cluster_enabled:1`` the store maps keys to slots and slots to primaries
+(``CLUSTER SLOTS``) and keeps one fast-path store per primary (see :mod:`state.cluster`). The
+URL stays a plain ``redis://`` / ``rediss://`` one naming any node (the seed);
+``connect(..., cluster=False)`` skips the check.
+
 Example (needs a running Redis, so not run as a doctest)::
 
     store = await StateStore.connect("redis://localhost:6379/0", model_version=model.version,
@@ -45,6 +51,7 @@ from redis.retry import Retry
 
 from kernels.engine import StreamStates
 from state import codec
+from state.cluster import Cluster, Redirected, cluster_info_enabled, gather, is_redirect
 from state.errors import StateError, StateNotFound, StateUnavailable
 
 FENCE_LUA = (Path(__file__).resolve().parent / "fence.lua").read_text()
@@ -170,6 +177,8 @@ class StateStore:
         self._sha = ""
         self._next_trim = -math.inf
         self._idle: list[Any] = []  # connections of the hand-framed path, see _roundtrip
+        self._cluster: Cluster | None = None  # set by connect on a Redis Cluster
+        self._in_cluster = False  # this store is one primary of a cluster: MOVED is retried above
         # Counters for /metrics.
         self.loads = 0  # streams loaded
         self.resets = 0  # states of another model version replaced by fresh ones (policy reset)
@@ -187,7 +196,8 @@ class StateStore:
                       hidden_size: int | None = None, input_size: int | None = None,
                       anomaly_size: int | None = None, ttl: float = 0.0, policy: str = "reset",
                       clock: Callable[[], float] = time.time, prefix: str = codec.PREFIX, retries: int = 20,
-                      timeout: float = 10.0, index_cap: int = 1_000_000) -> StateStore:
+                      timeout: float = 10.0, index_cap: int = 1_000_000,
+                      cluster: bool | None = None) -> StateStore:
         """Connect, check the server answers, load the fence script.
 
         ``model_version`` and the sizes are needed by :meth:`load` / :meth:`save` only; the
@@ -195,6 +205,7 @@ class StateStore:
         ``ttl`` (seconds, 0 = forever) expires idle streams; ``policy`` says what :meth:`load`
         does with a state of another model version; ``retries`` bounds reconnect attempts
         (exponential backoff, at most 1 s apart); ``index_cap`` bounds the index's size.
+        ``cluster``: None asks the server (``INFO cluster``), False treats it as one node.
         """
         if policy not in ("reset", "refuse"):
             raise StateError(f"model policy: expected 'reset' or 'refuse', got {policy!r}")
@@ -212,12 +223,34 @@ class StateStore:
             raise
         try:
             await store._with_retry(store._load_script)
+            if cluster is not False and await store._with_retry(store._cluster_enabled):
+                async def node(node_url: str) -> StateStore:
+                    sub = await cls.connect(node_url, model_version=model_version, num_layers=num_layers,
+                                            hidden_size=hidden_size, input_size=input_size,
+                                            anomaly_size=anomaly_size, ttl=ttl, policy=policy, clock=clock,
+                                            prefix=prefix, retries=min(retries, 1), timeout=timeout,
+                                            index_cap=index_cap, cluster=False)
+                    sub._in_cluster = True
+                    return sub
+
+                store._cluster = Cluster(store, url, node)
+                await store._cluster.refresh()
         except BaseException:
-            await client.aclose()
+            await store.close()
             raise
         return store
 
+    async def _cluster_enabled(self) -> bool:
+        try:
+            return cluster_info_enabled(await self.client.info("cluster"))
+        except ResponseError as exc:
+            if "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+                raise
+            return False  # INFO disabled or unknown section: treat as one node
+
     async def close(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.close()
         pool = self.client.connection_pool
         while self._idle:
             await pool.release(self._idle.pop())
@@ -287,9 +320,13 @@ class StateStore:
 
     def counters(self) -> dict[str, int]:
         """Counters for the worker's /metrics."""
-        return {"loads": self.loads, "resets": self.resets, "applied": self.applied, "stale": self.stale,
-                "duplicates": self.duplicates, "retried": self.retried,
-                "detector_resets": self.detector_resets}
+        out = {"loads": self.loads, "resets": self.resets, "applied": self.applied, "stale": self.stale,
+               "duplicates": self.duplicates, "retried": self.retried,
+               "detector_resets": self.detector_resets}
+        for node in self._cluster.nodes.values() if self._cluster is not None else ():
+            for k, v in node.counters().items():
+                out[k] += v
+        return out
 
     # ----------------------------------------------------------- round trips
 
@@ -355,11 +392,17 @@ class StateStore:
         event_ids: list[str | None] = [None] * n
         if n == 0:
             return Loaded(st, part, off, idx, ts, event_ids, found, reset)
+        if self._cluster is not None:
+            out = Loaded(st, part, off, idx, ts, event_ids, found, reset)
+            await self._cluster.load(ids, [codec.state_key(s, self.prefix) for s in ids], out)
+            return out
         sep = self._load_tail + self._load_head
         payload = self._load_head + sep.join(self._frames(ids)) + self._load_tail
         rows = await self._with_retry(lambda: self._roundtrip(payload, n))
         for r in rows:
             if isinstance(r, Exception):
+                if self._in_cluster and is_redirect(r):
+                    raise Redirected(f"Redis at {self.url}: {r}")
                 raise StateError(f"Redis at {self.url}: {r}")
         cols = list(zip(*rows))  # one tuple per field, codec.FIELDS order
         model_col = cols[3]
@@ -471,19 +514,48 @@ class StateStore:
         rows = self._save_rows(n, states, partitions, offsets, indexes, ts, now)
         eframes = _event_frames(event_ids, n)
         frames = self._frames(ids)
-        todo = list(range(n))
-        result = np.zeros(n, np.int64)
+        if self._cluster is None:
+            result = await self._send_saves(list(range(n)), frames, eframes, rows, ids, now, index=True)
+        else:
+            async def on_node(node: StateStore, todo: list[int]) -> np.ndarray:
+                return await node._send_saves(todo, frames, eframes, rows, ids, now, index=False)
+
+            async def index(node: StateStore) -> None:
+                tail, extra = self._index_commands(ids, now)
+                for r in await node._with_retry(lambda: node._roundtrip(tail, extra)):
+                    if is_redirect(r):
+                        raise Redirected(f"Redis at {node.url}: updating the index: {r}")
+                    if isinstance(r, Exception):
+                        raise StateError(f"Redis at {node.url}: updating the index: {r}")
+
+            keys = [codec.state_key(s, self.prefix) for s in ids]
+            result = await self._cluster.save(ids, keys, on_node, index)
+        applied = result == APPLIED
+        self.applied += int(applied.sum())
+        self.stale += int((result == STALE).sum())
+        self.duplicates += int((result == DUPLICATE).sum())
+        return applied
+
+    async def _send_saves(self, todo: list[int], frames: list[bytes], eframes: list[bytes], rows: memoryview,
+                          ids: Sequence[str], now: float, index: bool) -> np.ndarray:
+        """Run the fence for the streams at positions ``todo`` (one round trip, more only after
+        NOSCRIPT); their codes in ``todo`` order, -1 where a cluster node redirected (MOVED)."""
+        result = np.full(len(todo), -1, np.int64)
+        where: Sequence[int] = range(len(todo))  # position in result of each entry of todo
         for _ in range(3):
-            payload, extra = self._save_payload(todo, frames, eframes, rows, ids, now)
+            payload, extra = self._save_payload(todo, frames, eframes, rows, ids, now, index)
             replies = await self._with_retry(lambda: self._roundtrip(payload, len(todo) + extra))
-            missing = []
-            for j, r in zip(todo, replies):
+            missing, again = [], []
+            for k, j, r in zip(where, todo, replies):
                 if isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT"):
                     missing.append(j)
+                    again.append(k)
+                elif self._in_cluster and is_redirect(r):
+                    continue  # did not run; the cluster layer refreshes its map and resends it
                 elif isinstance(r, Exception):
                     raise StateError(f"Redis at {self.url}: saving stream {ids[j]!r}: {r}")
                 else:
-                    result[j] = r
+                    result[k] = r
             for r in replies[len(todo):]:
                 if isinstance(r, Exception):
                     raise StateError(f"Redis at {self.url}: updating the index: {r}")
@@ -492,14 +564,10 @@ class StateStore:
             # The server restarted or flushed its scripts. The sha is the SHA1 of the text, so
             # the framed requests stay valid; run the missing ones again (they did not run).
             await self._with_retry(self._load_script)
-            todo = missing
+            todo, where = missing, again
         else:
             raise StateError(f"Redis at {self.url}: the fence script keeps disappearing (SCRIPT FLUSH?)")
-        applied = result == APPLIED
-        self.applied += int(applied.sum())
-        self.stale += int((result == STALE).sum())
-        self.duplicates += int((result == DUPLICATE).sum())
-        return applied
+        return result
 
     def _save_rows(self, n: int, states: StreamStates, partitions: Any, offsets: Any, indexes: Any, ts: Any,
                    now: float) -> memoryview:
@@ -532,7 +600,7 @@ class StateStore:
         return memoryview(buf).cast("B")
 
     def _save_payload(self, todo: list[int], frames: list[bytes], eframes: list[bytes], rows: memoryview,
-                      ids: Sequence[str], now: float) -> tuple[bytes, int]:
+                      ids: Sequence[str], now: float, index: bool = True) -> tuple[bytes, int]:
         width = self._row_template.size
         m = len(todo)
         parts: list[Any] = [self._save_head] * (4 * m)
@@ -544,6 +612,8 @@ class StateStore:
             parts[1::4] = [frames[j] for j in todo]
             parts[2::4] = [eframes[j] for j in todo]
             parts[3::4] = [rows[j * width:(j + 1) * width] for j in todo]
+        if not index:
+            return b"".join(parts), 0
         tail, extra = self._index_commands([ids[j] for j in todo] if m < len(frames) else ids, now)
         parts.append(tail)
         return b"".join(parts), extra
@@ -564,17 +634,34 @@ class StateStore:
 
     # ------------------------------------------------------------ inspection
 
+    async def _on(self, key: str, fn: Callable[[aioredis.Redis], Any]) -> Any:
+        """``fn(client)`` on the client that owns ``key`` (the one client unless in a cluster)."""
+        if self._cluster is None:
+            return await self._with_retry(lambda: fn(self.client))
+        cluster = self._cluster
+
+        async def op() -> Any:
+            node = cluster.node_of(key)
+            try:
+                return await node._with_retry(lambda: fn(node.client))
+            except ResponseError as exc:
+                if is_redirect(exc):
+                    raise Redirected(f"Redis at {node.url}: {exc}") from None
+                raise
+
+        return await cluster.retrying(op)
+
     async def get(self, stream_id: str) -> dict[str, Any]:
         """The full decoded record of one stream (raises :class:`StateError` if there is none)."""
         key = codec.state_key(stream_id, self.prefix)
 
-        async def op() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
+        async def op(client: aioredis.Redis) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
                 pipe.hgetall(key)
                 pipe.pttl(key)
                 return await pipe.execute()
 
-        raw, pttl = await self._with_retry(op)
+        raw, pttl = await self._on(key, op)
         if not raw:
             raise StateNotFound(f"no state for stream {stream_id!r} (key {key}) in Redis at {self.url}")
         rec = codec.decode_record(raw, num_layers=self.num_layers, hidden_size=self.hidden_size,
@@ -598,7 +685,7 @@ class StateStore:
         out: list[dict[str, Any]] = []
         start, chunk = 0, max(100, 2 * limit)
         while len(out) < limit:
-            entries = await self._with_retry(lambda: self.client.zrevrange(self.index, start, start + chunk - 1))
+            entries = await self._on(self.index, lambda c: c.zrevrange(self.index, start, start + chunk - 1))
             if not entries:
                 break
             start += chunk
@@ -610,19 +697,38 @@ class StateStore:
                 else:
                     out.append(rec)
             if gone:
-                await self._with_retry(lambda: self.client.zrem(self.index, *gone))
+                await self._on(self.index, lambda c: c.zrem(self.index, *gone))
                 start -= len(gone)
         return out[:limit]
 
     async def _summaries(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
-        async def op() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for s in ids:
-                    pipe.hmget(codec.state_key(s, self.prefix), self.SUMMARY)
+        keys = [codec.state_key(s, self.prefix) for s in ids]
+
+        async def op(client: aioredis.Redis, pos: Sequence[int]) -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                for j in pos:
+                    pipe.hmget(keys[j], self.SUMMARY)
                 return await pipe.execute()
 
+        if self._cluster is None:
+            rows = await self._with_retry(lambda: op(self.client, range(len(ids))))
+        else:
+            cluster = self._cluster
+            rows = [None] * len(ids)
+
+            async def part(node: StateStore, pos: list[int]) -> None:
+                try:
+                    got = await node._with_retry(lambda: op(node.client, pos))
+                except ResponseError as exc:
+                    if is_redirect(exc):
+                        raise Redirected(f"Redis at {node.url}: {exc}") from None
+                    raise
+                for j, row in zip(pos, got):
+                    rows[j] = row
+
+            await cluster.retrying(lambda: gather([part(node, pos) for node, pos in cluster.split(keys)]))
         out: list[dict[str, Any] | None] = []
-        for s, row in zip(ids, await self._with_retry(op)):
+        for s, row in zip(ids, rows):
             if all(v is None for v in row):
                 out.append(None)
                 continue
@@ -631,11 +737,22 @@ class StateStore:
         return out
 
     async def _list_scan(self, pattern: str, limit: int) -> list[dict[str, Any]]:
-        async def keys() -> list[str]:
+        async def keys(client: aioredis.Redis) -> list[str]:
             match = codec.state_key(pattern, self.prefix)
-            return [codec.stream_id_of(k) async for k in self.client.scan_iter(match=match, count=1000)]
+            return [codec.stream_id_of(k) async for k in client.scan_iter(match=match, count=1000)]
 
-        ids = [s for s in await self._with_retry(keys) if fnmatch.fnmatchcase(s, pattern)]
+        if self._cluster is None:
+            found_ids = await self._with_retry(lambda: keys(self.client))
+        else:  # every primary holds its share of the keys
+            cluster = self._cluster
+
+            async def every() -> list[str]:
+                nodes = list(cluster.nodes.values())
+                parts = await gather([n._with_retry(lambda n=n: keys(n.client)) for n in nodes])
+                return [s for p in parts for s in p]
+
+            found_ids = await cluster.retrying(every)
+        ids = [s for s in found_ids if fnmatch.fnmatchcase(s, pattern)]
         found = [r for r in await self._summaries(ids) if r is not None]
         found.sort(key=lambda r: -(r["updated_at"] or 0.0))
         return found[:limit]
@@ -643,6 +760,10 @@ class StateStore:
     async def reset(self, stream_id: str) -> bool:
         """Delete a stream's state and its index entry; False if there was no state."""
         key = codec.state_key(stream_id, self.prefix)
+        if self._cluster is not None:  # the hash and the index live on different nodes
+            deleted = await self._on(key, lambda c: c.delete(key))
+            await self._on(self.index, lambda c: c.zrem(self.index, stream_id))
+            return bool(deleted)
 
         async def op() -> list[Any]:
             async with self.client.pipeline(transaction=False) as pipe:
