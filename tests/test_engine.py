@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from kernels import load_model
-from kernels.artifact import write_artifact
 from kernels.engine import Engine, StreamStates, step
 from kernels.norm import normalize_series
 from tests.reference import reference_step
+from tests.workerutil import small_model
 from worker.settings import DEFAULT_MODEL
 
 
-def random_model(tmp_path, norm, n_in=2, hid=8, layers=2, seed=0, detector=None):
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for k in range(layers):
-        width = n_in if k == 0 else hid
-        arrays[f"lstm.weight_ih_l{k}"] = rng.normal(0, 0.4, (4 * hid, width))
-        arrays[f"lstm.weight_hh_l{k}"] = rng.normal(0, 0.4, (4 * hid, hid))
-        arrays[f"lstm.bias_ih_l{k}"] = rng.normal(0, 0.1, 4 * hid)
-        arrays[f"lstm.bias_hh_l{k}"] = rng.normal(0, 0.1, 4 * hid)
-    arrays["head.0.weight"] = rng.normal(0, 0.4, (n_in, hid))
-    arrays["head.0.bias"] = rng.normal(0, 0.1, n_in)
-    meta = {"input_size": n_in, "hidden_size": hid, "num_layers": layers, "output_size": n_in,
-            "head": [{"in": hid, "out": n_in, "activation": None}],
-            "features": [f"f{i}" for i in range(n_in)], "norm": norm, "detector": detector or {}}
-    write_artifact(str(tmp_path), meta, {k: v.astype(np.float32) for k, v in arrays.items()})
-    return load_model(str(tmp_path)), arrays
+def random_model(tmp_path, norm):
+    """A 2-feature random model (tests/workerutil.small_model) and its weight arrays."""
+    path = small_model(tmp_path, features=2, norm=norm)
+    with np.load(os.path.join(path, "weights.npz")) as npz:
+        arrays = dict(npz)
+    return load_model(path), arrays
 
 
 NORMS = [
@@ -69,7 +61,8 @@ def test_expected_is_previous_forecast_and_matches_reference(tmp_path, norm):
         z = (x - np.array(norm["mean"])) / np.array(norm["std"])
     lstm = [tuple(arrays[f"lstm.{w}_l{k}"] for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             for k in range(2)]
-    head = [(arrays["head.0.weight"], arrays["head.0.bias"], None)]
+    head = [(arrays[f"head.{k}.weight"], arrays[f"head.{k}.bias"], layer["activation"])
+            for k, layer in enumerate(model.meta["head"])]
     h = np.zeros((1, 2, 8))
     c = np.zeros((1, 2, 8))
     st = eng.new_states(1)

@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int = 2, features: int = 1,
-                seed: int = 0, warmup: int = 50) -> str:
-    """Write a random-weights artifact (numpy only) with stream normalisation; return its dir.
+                seed: int = 0, warmup: int = 50, norm: dict[str, Any] | None = None) -> str:
+    """Write a random-weights artifact (numpy only), stream normalisation unless ``norm`` is
+    given; return its dir.
 
     The detector keeps its defaults (kernels/detector.py) except a short warm-up."""
     rng = np.random.default_rng(seed)
@@ -35,7 +36,7 @@ def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int
     meta = {"input_size": features, "hidden_size": hidden, "num_layers": layers, "output_size": features,
             "head": [{"in": hidden, "out": hidden, "activation": "tanh"},
                      {"in": hidden, "out": features, "activation": None}],
-            "features": [f"f{j}" for j in range(features)], "norm": {"mode": "stream"},
+            "features": [f"f{j}" for j in range(features)], "norm": norm or {"mode": "stream"},
             "detector": {"warmup": warmup}}
     write_artifact(out_dir, meta, arrays)
     return os.fspath(out_dir)
