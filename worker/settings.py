@@ -56,19 +56,18 @@ class Settings:
     data_dir: str = ""  # Faust's local data directory; empty: a temporary one
 
 
-# Variable name for each field; the contract fixes the first seven names.
+# Variable name for each field: LSTREAM_ + the field's name (the contract fixes the first seven).
 ENV = {f.name: "LSTREAM_" + f.name.upper() for f in fields(Settings)}
-ENV["broker"] = "LSTREAM_BROKER"
-ENV["redis_url"] = "LSTREAM_REDIS_URL"
+_TYPES = {f.name: str(f.type) for f in fields(Settings)}  # annotations are strings (__future__)
 
 
-def _convert(name: str, raw: str, default: Any) -> Any:
-    field_type = {f.name: f.type for f in fields(Settings)}[name]
+def _convert(name: str, raw: str) -> Any:
+    kind = _TYPES[name]
     try:
-        if "int" in str(field_type) and "float" not in str(field_type):
-            return int(raw)
-        if "float" in str(field_type):
+        if "float" in kind:
             return float(raw)
+        if "int" in kind:
+            return int(raw)
     except ValueError:
         raise SettingsError(f"{ENV[name]}: expected a number, got {raw!r}") from None
     return raw
@@ -81,7 +80,7 @@ def from_env(env: Mapping[str, str], **flags: Any) -> Settings:
     for f in fields(Settings):
         raw = env.get(ENV[f.name])
         if raw not in (None, ""):
-            values[f.name] = _convert(f.name, raw, getattr(defaults, f.name))
+            values[f.name] = _convert(f.name, raw)
     values.update({k: v for k, v in flags.items() if v is not None})
     settings = dataclasses.replace(defaults, **values)
     validate(settings)
