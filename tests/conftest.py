@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.services import Service, start_broker, start_redis
+from lstream.devservices import Service, start_broker, start_redis
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ bare ``host:port``). Async functions end in ``_async``; the sync wrappers run th
     records = read_all(broker_url, "predictions", count=100, timeout=30)
     records[0].key, records[0].value, records[0].partition, records[0].offset, records[0].json()
 
-Tansu quirks (the embedded broker, ``worker.services.start_broker``), measured with aiokafka 0.14:
+Tansu quirks (the embedded broker, ``lstream.devservices.start_broker``), measured with aiokafka 0.14:
 
 - ``end_offsets()`` is wrong: it answers the last record *batch*'s first offset + 1, not the
   last record's offset + 1 (batches of 5, 3, 7, 1 records at offsets 0-15 gave 1, 6, 9, 16).

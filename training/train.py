@@ -8,7 +8,7 @@ online). In ``stream`` mode the first ``warmup`` targets of each stream are left
 with little spread seen yet they are mostly clipping noise. The last ``val_split`` of every
 stream is held out for validation and early stopping.
 
->>> from training.synthetic import generate
+>>> from series.synthetic import generate
 >>> streams = [Series(s.stream_id, s.ts, s.values, ["value"]) for s in generate(2, 400, seed=3)]
 >>> cfg = TrainConfig(epochs=2, hidden=8, layers=1, window=64, burn_in=16, progress=False)
 >>> result = train(streams, cfg)
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from kernels.norm import STREAM_DEFAULTS, normalize_series
-from training.csvdata import DataError, Series, stream_name
+from series.csvdata import DataError, Series, stream_name
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""``lstream bench [kernels|state|e2e|all]``: run the benchmarks and print their tables.
+
+Each benchmark is a module ``bench.<name>`` with ``main(argv: list[str]) -> int``; ``all``
+(the default) runs every one that is installed, in order.
+
+>>> build_parser("lstream bench").parse_args(["kernels", "--quick"])
+Namespace(which='kernels', quick=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+BENCHES = ("kernels", "state", "e2e")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the benchmarks and print a table.")
+    parser.add_argument("which", nargs="?", default="all", choices=(*BENCHES, "all"),
+                        help="which benchmark (default: all)")
+    parser.add_argument("--quick", action="store_true", help="short smoke runs instead of full timings")
+    return parser
+
+
+def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from lstream.cli import CliError
+
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / "benchmarks" / "__init__.py").is_file():
+        raise CliError("the benchmarks live in the source checkout (benchmarks/), which this install "
+                       "does not have: run `lstream bench` from a clone of the repository")
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    names = BENCHES if args.which == "all" else (args.which,)
+    status = 0
+    for name in names:
+        module = importlib.import_module(f"benchmarks.{name}")
+        print(f"== bench {name} ==", flush=True)
+        status = max(status, int(module.main(["--quick"] if args.quick else []) or 0))
+    return status

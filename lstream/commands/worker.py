@@ -1,0 +1,97 @@
+"""``lstream worker``: run the Faust worker.
+
+Settings come from flags or ``LSTREAM_*`` variables (a flag wins); see worker/settings.py.
+SIGTERM or Ctrl-C stop it gracefully: the batch in hand is finished, outputs are flushed,
+offsets committed, and the process exits with 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from worker.settings import ENV, Settings
+
+HELP = {
+    "broker": "Kafka bootstrap, kafka://host:port[;host:port...]",
+    "redis_url": "Redis URL (redis://, rediss://, with password)",
+    "model": "model artifact directory",
+    "input_topic": "input topic",
+    "predictions_topic": "predictions topic",
+    "alerts_topic": "alerts topic",
+    "dlq_topic": "dead-letter topic",
+    "web_port": "HTTP port of /streams/{id}, /healthz, /metrics",
+    "web_host": "HTTP bind address",
+    "app_id": "Faust app id (the consumer group)",
+    "batch_size": "most messages per micro-batch",
+    "batch_wait": "seconds to wait for a micro-batch to fill",
+    "session_timeout": "consumer group session timeout, seconds",
+    "state_ttl": "seconds an idle stream's state is kept (0: forever)",
+    "model_policy": "a stored state of another model version: reset (start fresh) or refuse (dead-letter)",
+    "partitions": "partitions of the topics the worker creates",
+    "threshold": "anomaly score threshold (default: the model's)",
+    "calm_steps": "steps under the threshold that end an episode (default: the model's)",
+    "max_message_bytes": "larger input messages are dead-lettered as too_large",
+    "log_level": "debug | info | warning | error",
+    "data_dir": "Faust's local data directory (default: a temporary one)",
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _type(f: Any) -> Any:
+    t = str(f.type)
+    if "int" in t and "float" not in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = OneLineParser(prog=prog, description="Run the streaming worker: events in, predictions and alerts out, "
+                                             "state in Redis.")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, type=_type(f), default=None,
+                       help=f"{HELP.get(f.name, f.name)} (${ENV[f.name]}; default {f.default!r})")
+    return p
+
+
+def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from worker.settings import from_env
+
+    settings = from_env(env, **{f.name: getattr(args, f.name, None) for f in fields(Settings)})
+    level = settings.log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        from lstream.cli import CliError
+
+        raise CliError(f"log level: expected debug, info, warning or error, got {settings.log_level!r}")
+
+    import faust
+
+    from worker.app import create_app
+
+    app = create_app(settings)  # loads the model: a bad artifact fails here with one line
+    worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
+    logging.getLogger("lstream").setLevel(level)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    finally:
+        app.lstream.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(build_parser("lstream worker").parse_args(), __import__("os").environ))

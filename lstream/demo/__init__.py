@@ -1,0 +1,1 @@
+"""lstream/demo."""
