@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import numpy as np
 import redis.asyncio as aioredis
 
-from kernels.engine import StreamStates
+from kernels.states import StreamStates
 from state.store import StateStore
 
 LAYERS, HIDDEN, FEATURES = 2, 64, 1

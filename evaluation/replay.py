@@ -31,7 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 import numpy as np
 
-from kernels.engine import Engine, StreamStates
+from kernels.engine import Engine
+from kernels.states import StreamStates
 from series.csvdata import DataError, Series
 
 

@@ -89,6 +89,8 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from kernels.states import DETECTOR_FIXED, DETECTOR_PER_FEATURE
+
 BLOCKS = 8  # blocks in the sliding window of recent error maxima (fixed: part of the state layout)
 
 FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
@@ -98,6 +100,7 @@ FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
           "lo", "hi", "last", "jump", "drift", "flat", "flat_max")
 _PER = ("lo", "hi", "last", "jump", "drift", "flat", "flat_max")  # per-feature fields, each F long, after the fixed part
 _FIXED = len(FIELDS) - len(_PER)
+assert (_FIXED, len(_PER)) == (DETECTOR_FIXED, DETECTOR_PER_FEATURE), "update kernels/states.py"
 
 # threshold and calm_steps are read by the engine (episodes); update() reads the rest and the
 # threshold (the refractory period starts at a score at or over it).

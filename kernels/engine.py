@@ -12,56 +12,14 @@ State lives in :class:`StreamStates`, a struct of arrays for n streams, updated 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kernels import detector
-from kernels.norm import Normalizer, stats_size
-
-
-@dataclass
-class StreamStates:
-    """Everything the pipeline keeps per stream, for n streams (row i is stream i)."""
-
-    h: np.ndarray  # float32 (n, L, H)
-    c: np.ndarray  # float32 (n, L, H)
-    pred: np.ndarray  # float32 (n, F): forecast of the next reading, model units; NaN before step 1
-    steps: np.ndarray  # int64 (n,)
-    norm: np.ndarray  # float64 (n, 1+2F): kernels.norm statistics (stream mode)
-    anomaly: np.ndarray  # float64 (n, D): kernels.detector.field_names(F)
-    episode: np.ndarray  # int64 (n,): -1 outside an episode, else steps under threshold so far
-
-    def __len__(self) -> int:
-        return int(self.steps.shape[0])
-
-    @classmethod
-    def zeros(cls, n: int, num_layers: int, hidden_size: int, num_features: int) -> StreamStates:
-        """n fresh streams."""
-        return cls(
-            h=np.zeros((n, num_layers, hidden_size), np.float32),
-            c=np.zeros((n, num_layers, hidden_size), np.float32),
-            pred=np.full((n, num_features), np.nan, np.float32),
-            steps=np.zeros(n, np.int64),
-            norm=np.zeros((n, stats_size(num_features))),
-            anomaly=np.zeros((n, detector.state_size(num_features))),
-            episode=np.full(n, -1, np.int64),
-        )
-
-    def take(self, idx: Any) -> StreamStates:
-        """A copy of the streams at ``idx`` (an index array, mask or slice)."""
-        return StreamStates(**{f.name: np.array(getattr(self, f.name)[idx], order="C") for f in fields(self)})
-
-    def put(self, idx: Any, sub: StreamStates) -> None:
-        """Write ``sub`` back into the streams at ``idx``."""
-        for f in fields(self):
-            getattr(self, f.name)[idx] = getattr(sub, f.name)
-
-    @classmethod
-    def concat(cls, parts: Sequence[StreamStates]) -> StreamStates:
-        return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+from kernels.norm import Normalizer
+from kernels.states import StreamStates
 
 
 @dataclass
@@ -90,7 +48,7 @@ class Engine:
 
     def new_states(self, n: int) -> StreamStates:
         m = self.model
-        return StreamStates.zeros(n, m.num_layers, m.hidden_size, m.input_size)
+        return StreamStates.zeros(n, m.num_layers, m.hidden_size, m.input_size, detector.state_size(m.input_size))
 
     def advance(self, st: StreamStates, x: np.ndarray) -> Outputs:
         """Apply one reading per stream: ``x`` (n, F) in sensor units. ``st`` changes in place."""

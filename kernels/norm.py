@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 from numba import njit
 
+from kernels.states import norm_size
+
 STREAM_DEFAULTS = {"window": 2000.0, "min_std": 1e-3, "clip": 10.0}
 
 
-def stats_size(num_features: int) -> int:
-    """Length of a stream's ``norm`` vector."""
-    return 1 + 2 * num_features
+stats_size = norm_size  # the name this module's callers use
 
 
 @njit(cache=True)

@@ -49,7 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from kernels.engine import StreamStates
+from kernels.states import StreamStates
 from state import codec
 from state.cluster import Cluster, Redirected, cluster_info_enabled, gather, is_redirect
 from state.errors import StateError, StateNotFound, StateUnavailable

@@ -12,7 +12,7 @@ drop or clear, so a batch that read the cache before such a change does not writ
 states back afterwards.
 
 >>> import numpy as np
->>> from kernels.engine import StreamStates
+>>> from kernels.states import StreamStates
 >>> cache = StateCache(lambda n: StreamStates.zeros(n, 1, 2, 1), max_entries=3, max_age=60.0)
 >>> st = StreamStates.zeros(2, 1, 2, 1); st.steps[:] = [5, 7]
 >>> cache.put(["a", "b"], st, [0, 0], [10, 11], [0, 0], [1.0, 2.0], [None, "e"], now=0.0)
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.engine import StreamStates
+from kernels.states import StreamStates
 from state.store import Loaded
 
 

@@ -84,7 +84,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from kernels.engine import Engine, StreamStates
+from kernels.engine import Engine
+from kernels.states import StreamStates
 from state.errors import StateUnavailable
 from state.store import Loaded
 from worker import events as ev

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kernels import detector
-from kernels.engine import StreamStates
+from kernels.states import StreamStates
 from state.inspection import describe
 from state.store import StateStore
 from lstream.cli import main

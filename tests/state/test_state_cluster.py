@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kernels.engine import StreamStates
+from kernels.states import StreamStates
 from state.store import StateStore
 from lstream.cli import main
 from lstream.devservices import _wait_for_port, child_setup, free_port

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from kernels import detector
-from kernels.engine import StreamStates
+from kernels.states import StreamStates
 from state import codec
 from state.errors import StateError
 from state.store import StateStore
