@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test demo install redis-server bench clean
+.PHONY: test lint demo install redis-server bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q --upgrade pip
 	$(BIN)/pip install --disable-pip-version-check -q torch==2.13.0
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP) redis-server
@@ -26,6 +26,11 @@ redis-server:
 	  echo "redis-server not found: installing it with apt-get"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
 	  { echo "could not install redis-server; install it with your package manager (e.g. apt-get install redis-server)"; exit 1; }; }
+
+# ruff (style, bugs) and mypy (kernels, state, worker: see pyproject.toml) gate the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -302,7 +302,7 @@ class OutputReader:
         from aiokafka import TopicPartition
 
         if not self._assigned:
-            await self._consumer._client.force_metadata_update()  # noqa: SLF001
+            await self._consumer._client.force_metadata_update()
             parts = self._consumer.partitions_for_topic(self.topic)
             if not parts:
                 return False

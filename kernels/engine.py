@@ -50,8 +50,9 @@ class Engine:
         m = self.model
         return StreamStates.zeros(n, m.num_layers, m.hidden_size, m.input_size, detector.state_size(m.input_size))
 
-    def advance(self, st: StreamStates, x: np.ndarray) -> Outputs:
-        """Apply one reading per stream: ``x`` (n, F) in sensor units. ``st`` changes in place."""
+    def advance(self, st: StreamStates, x: np.ndarray, ts: np.ndarray | None = None) -> Outputs:
+        """Apply one reading per stream: ``x`` (n, F) in sensor units, ``ts`` (n,) their event
+        times in seconds since the epoch (for models with time features). ``st`` changes in place."""
         x = np.asarray(x, dtype=np.float64)
         n = len(st)
         if x.shape != (n, self.model.input_size):

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from kernels.artifact import ModelError, read_artifact
+from kernels.artifact import read_artifact
 from kernels.lstm import Packed, lstm_step, pack
+
 
 class Model:
     """A loaded model: sizes, feature names, norm and detector settings, and :meth:`step`."""

@@ -25,7 +25,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def parse_time(text: str) -> float:
         text = text[:-1] + "+00:00"
     stamp = datetime.fromisoformat(text)
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return stamp.timestamp()
 
 

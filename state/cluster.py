@@ -103,7 +103,7 @@ class Cluster:
                 try:
                     reply = await client.execute_command("CLUSTER SLOTS")
                     break
-                except Exception as exc:  # noqa: BLE001 - try the next node
+                except Exception as exc:
                     last = exc
             else:
                 raise StateUnavailable(f"Redis Cluster at {self.top.url}: no node answers CLUSTER SLOTS: {last}")

@@ -104,7 +104,7 @@ async def partitions_async(broker_url: str, topic: str, timeout: float = 10.0) -
     try:
         deadline = time.monotonic() + timeout
         while True:
-            await consumer._client.force_metadata_update()  # noqa: SLF001 - fresh metadata, not cached
+            await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic)
             if parts:
                 return sorted(parts)
@@ -155,7 +155,7 @@ async def read_all_async(broker_url: str, topic: str, count: int | None = None, 
     try:
         parts: set[int] | None = None
         while not parts:
-            await consumer._client.force_metadata_update()  # noqa: SLF001
+            await consumer._client.force_metadata_update()
             parts = consumer.partitions_for_topic(topic)
             if not parts:
                 if time.monotonic() > deadline:

@@ -229,7 +229,7 @@ def create_app(settings: Settings, model: Any = None) -> Any:
             if runtime.pipeline is not None:  # the agent's own flush normally finished it already
                 try:
                     await asyncio.wait_for(runtime.pipeline.flush(), 5.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.warning("stopping with a batch not yet delivered and saved; it is not acknowledged, "
                                 "so it is read again at the next start")
                     runtime.pipeline.abandon()
@@ -280,7 +280,7 @@ def create_app(settings: Settings, model: Any = None) -> Any:
             if runtime.pipeline is not None:
                 try:
                     await asyncio.wait_for(runtime.pipeline.flush(), 5.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def on_rebalance(*args: Any, **kwargs: Any) -> None:

@@ -278,10 +278,10 @@ def decode_batch(messages: Iterable[RawMessage], topic: str, num_features: int,
                 if type(item) is dict and "value" not in item:
                     sid, ts, vals, eid = item.get("stream_id"), item.get("ts"), item.get("values"), item.get("event_id")
                     if (type(sid) is str and (sid in _GOOD_IDS or _good_id(sid))
-                            and (type(ts) is float and _isfinite(ts) or type(ts) is int)
+                            and ((type(ts) is float and _isfinite(ts)) or type(ts) is int)
                             and type(vals) is list and len(vals) == num_features
-                            and all(type(v) is float and _isfinite(v) or type(v) is int for v in vals)
-                            and (eid is None or type(eid) is str and 0 < len(eid) <= MAX_EVENT_ID)):
+                            and all((type(v) is float and _isfinite(v)) or type(v) is int for v in vals)
+                            and (eid is None or (type(eid) is str and 0 < len(eid) <= MAX_EVENT_ID))):
                         good.append((i, item, sid, float(ts), vals, eid))
                         continue
                 try:

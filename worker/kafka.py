@@ -146,7 +146,7 @@ class Record:
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str, deadline: float | None) -> list[int]:
     while True:
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - the cached copy may predate the topic
+        await consumer._client.force_metadata_update()
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return sorted(parts)

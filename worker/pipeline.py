@@ -151,7 +151,7 @@ class Outage:
         while True:
             try:
                 result = await op()
-            except Exception as exc:  # noqa: BLE001 - decided by ``retryable`` below
+            except Exception as exc:
                 if not retryable(exc):
                     raise
                 if self.since is None:
@@ -261,7 +261,7 @@ class Pipeline:
             try:
                 prepared = await self.prepare(messages)
                 break
-            except Exception as exc:  # noqa: BLE001 - a batch is retried, never dropped
+            except Exception as exc:
                 log.exception("batch of %d message(s) failed (%s: %s); retrying in %.1f s",
                               len(messages), type(exc).__name__, exc, delay)
                 self.forget()
@@ -275,7 +275,7 @@ class Pipeline:
                 try:
                     await self.finish(prepared)
                     break
-                except Exception as exc:  # noqa: BLE001 - delivered and saved again: idempotent
+                except Exception as exc:
                     log.exception("finishing a batch of %d message(s) failed (%s: %s); retrying in %.1f s",
                                   len(messages), type(exc).__name__, exc, wait)
                     await asyncio.sleep(wait)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+
 def _default_model() -> str:
     """The bundled model: in the source tree, else where ``pip install`` put the data files."""
     in_tree = Path(__file__).resolve().parent.parent / "models" / "default"

@@ -218,8 +218,8 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from series.csvdata import DataError
     from lstream.cli import CliError
+    from series.csvdata import DataError
     from worker.settings import from_env
 
     _check(args)

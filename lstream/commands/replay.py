@@ -33,10 +33,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from evaluation.replay import replay_streams, write_csv
     from kernels import load_model
     from kernels.engine import Engine
     from series.csvdata import DataError, read_streams
-    from evaluation.replay import replay_streams, write_csv
     from worker.settings import DEFAULT_MODEL
 
     if args.out is None and args.plot is None:

@@ -16,7 +16,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
     try:
-        stamp = datetime.fromtimestamp(ts, tz=timezone.utc)
+        stamp = datetime.fromtimestamp(ts, tz=UTC)
     except (OverflowError, OSError, ValueError):
         return str(ts)
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -218,8 +218,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from state.errors import StateError
     from lstream.cli import CliError
+    from state.errors import StateError
     from worker.settings import from_env
 
     settings = from_env(env, redis_url=args.redis_url, model=getattr(args, "model", None))

@@ -20,7 +20,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import orjson
@@ -43,7 +43,7 @@ def topic_for(kind: str, settings: Any) -> str:
 
 def _time(ts: Any) -> str:
     if isinstance(ts, (int, float)):
-        stamp = datetime.fromtimestamp(ts, tz=timezone.utc)
+        stamp = datetime.fromtimestamp(ts, tz=UTC)
         text = stamp.isoformat(timespec="milliseconds" if ts % 1 else "seconds")
         return text.replace("+00:00", "Z")
     return str(ts)

@@ -83,7 +83,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str], log: Path) -> subprocess.
     Call it from the main thread: Linux sends the death signal when the *thread* that
     started the child ends.
     """
-    out: IO[bytes] = open(log, "wb")  # noqa: SIM115 - the child keeps writing to it
+    out: IO[bytes] = open(log, "wb")
     try:
         return subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=child_setup())

@@ -5,7 +5,7 @@ closing summary.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console, Group
@@ -32,7 +32,7 @@ def fmt_ts(ts: float) -> str:
     >>> fmt_ts(1700000000.0)
     '2023-11-14 22:13 UTC'
     """
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def alert_line(a: AlertSeen) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
 
-from kernels.artifact import write_artifact
 from evaluation import nab
+from kernels.artifact import write_artifact
 from lstream.cli import main
 
 PROFILES = {
@@ -20,7 +20,7 @@ PROFILES = {
     "reward_low_FN_rate": {"CostMatrix": {"tpWeight": 1.0, "fnWeight": 2.0, "fpWeight": 0.11, "tnWeight": 1.0}},
 }
 ROWS = 400
-T0 = datetime(2014, 4, 1, tzinfo=timezone.utc)
+T0 = datetime(2014, 4, 1, tzinfo=UTC)
 
 
 def stamp(i: int) -> str:

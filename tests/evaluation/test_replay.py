@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from evaluation.replay import replay_series, replay_streams
 from kernels import load_model
 from kernels.engine import Engine
 from kernels.norm import Normalizer, stats_size
-from series.csvdata import Series, read_csv
-from evaluation.replay import replay_series, replay_streams
-from series.synthetic import generate, write_csv
 from lstream.cli import main
+from series.csvdata import Series, read_csv
+from series.synthetic import generate, write_csv
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "models" / "default"

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from kernels import load_model
-from kernels.engine import Engine
-from kernels.engine import step
-from kernels.states import StreamStates
+from kernels.engine import Engine, step
 from kernels.norm import normalize_series
+from kernels.states import StreamStates
 from tests.reference import reference_step
 from tests.workerutil import small_model
 from worker.settings import DEFAULT_MODEL

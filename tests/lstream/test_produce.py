@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import kafkautil as ku
-from series.synthetic import generate
 from lstream.cli import main
+from series.synthetic import generate
+from tests import kafkautil as ku
 
 
 def _env(broker_url: str, topic: str) -> dict[str, str]:

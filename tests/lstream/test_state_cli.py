@@ -14,10 +14,10 @@ import pytest
 
 from kernels import detector
 from kernels.states import StreamStates
-from state.inspection import describe
-from state.store import StateStore
 from lstream.cli import main
 from lstream.devservices import free_port, start_redis
+from state.inspection import describe
+from state.store import StateStore
 
 L, H, F = 2, 3, 1
 NAMES = detector.field_names(F)  # the detector's documented layout, whatever it is now

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests import kafkautil as ku
 from lstream.cli import main
+from tests import kafkautil as ku
 
 
 def _prediction(sid: str, step: int, anomaly: bool = False) -> dict[str, object]:

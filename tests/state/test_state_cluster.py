@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from kernels.states import StreamStates
-from state.store import StateStore
 from lstream.cli import main
 from lstream.devservices import _wait_for_port, child_setup, free_port
+from state.store import StateStore
 
 L, H, F = 2, 4, 1
 MODEL = "m-cluster"
@@ -46,7 +46,7 @@ def cluster_url() -> Iterator[str]:
                  "--cluster-config-file", str(tmp / f"nodes-{p}.conf"), "--save", "", "--appendonly", "no",
                  "--dir", str(tmp)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=child_setup())  # noqa: PLW1509 - as lstream.devservices does
+                preexec_fn=child_setup())
             procs.append(proc)
             _wait_for_port(p, proc, "redis-server (cluster)", 15.0)
         made = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),

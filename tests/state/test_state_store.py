@@ -17,10 +17,10 @@ import redis
 
 from kernels import detector
 from kernels.states import StreamStates
+from lstream.devservices import Service, free_port, start_redis
 from state import codec
 from state.errors import StateError
 from state.store import StateStore
-from lstream.devservices import Service, free_port, start_redis
 
 L, H, F = 2, 3, 2
 

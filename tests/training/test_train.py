@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from kernels import load_model
+from lstream.cli import main
 from series.csvdata import DataError, read_csv, read_streams
 from series.synthetic import generate, write_csv
-from lstream.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "models" / "default"

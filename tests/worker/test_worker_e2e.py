@@ -24,13 +24,12 @@ import numpy as np
 import orjson
 import pytest
 
+from evaluation.replay import replay_streams
 from kernels import load_model
 from kernels.engine import Engine
 from kernels.norm import Normalizer, stats_size
-from series.csvdata import Series
-from evaluation.replay import replay_streams
 from lstream.devservices import free_port
-
+from series.csvdata import Series
 from tests import kafkautil as ku
 from tests.workerutil import ROOT, series_data, small_model, spike_series
 

@@ -9,15 +9,14 @@ import numpy as np
 import orjson
 import pytest
 
+from evaluation.replay import replay_streams
 from kernels import load_model
 from kernels.engine import Engine
-from state.store import StateStore
 from series.csvdata import Series
-from evaluation.replay import replay_streams
+from state.store import StateStore
+from tests.workerutil import Collect, event, series_data, small_model, spike_series
 from worker.events import RawMessage
 from worker.pipeline import Pipeline, Topics
-
-from tests.workerutil import Collect, event, series_data, small_model, spike_series
 
 
 @pytest.fixture(scope="module")
