@@ -1,0 +1,159 @@
+"""kernels/explain.py against torch.nn.LSTM: gates, new (h, c), head and unit shares."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import load_model
+from kernels.engine import Engine
+from kernels.explain import Recorder, gates, head, horizon, shares
+from kernels.lstm import pack
+from tests.workerutil import ROOT
+
+torch = pytest.importorskip("torch")
+
+TOL = 1e-5
+
+
+def torch_reference(lstm, x: np.ndarray, h: np.ndarray, c: np.ndarray):
+    """torch's gates recomputed from its own weights (float32, torch ops), and torch's own
+    returned (h, c) for one time step. x (n, I), h, c (n, L, H) -> dict of (n, L, H) arrays."""
+    hid = lstm.hidden_size
+    xt = torch.from_numpy(x.astype(np.float32))
+    ht = torch.from_numpy(h.astype(np.float32)).transpose(0, 1).contiguous()  # (L, n, H)
+    ct = torch.from_numpy(c.astype(np.float32)).transpose(0, 1).contiguous()
+    out: dict[str, list] = {k: [] for k in ("i", "f", "g", "o", "h", "c")}
+    with torch.no_grad():
+        _, (h_new, c_new) = lstm(xt[:, None, :], (ht, ct))
+        inp = xt
+        for layer in range(lstm.num_layers):
+            w_ih = getattr(lstm, f"weight_ih_l{layer}")
+            w_hh = getattr(lstm, f"weight_hh_l{layer}")
+            b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
+            pre = inp @ w_ih.T + ht[layer] @ w_hh.T + b
+            i, f, g, o = (pre[:, k * hid:(k + 1) * hid] for k in range(4))
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            cc = f * ct[layer] + i * g
+            hh = o * torch.tanh(cc)
+            for k, v in zip(("i", "f", "g", "o", "h", "c"), (i, f, g, o, hh, cc)):
+                out[k].append(v.numpy())
+            inp = hh
+    ref = {k: np.stack(v, axis=1) for k, v in out.items()}
+    ref["torch_h"] = h_new.transpose(0, 1).numpy()
+    ref["torch_c"] = c_new.transpose(0, 1).numpy()
+    return ref
+
+
+def packed_from_torch(lstm, heads: list) -> object:
+    layers = [tuple(getattr(lstm, f"{k}_l{layer}").detach().numpy()
+                    for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")) for layer in range(lstm.num_layers)]
+    return pack(layers, [(lin.weight.detach().numpy(), lin.bias.detach().numpy(), act) for lin, act in heads])
+
+
+def assert_step_matches(step, ref) -> None:
+    for k in ("i", "f", "g", "o", "h", "c"):
+        np.testing.assert_allclose(getattr(step, k), ref[k], atol=TOL, rtol=0, err_msg=k)
+    np.testing.assert_allclose(step.h, ref["torch_h"], atol=TOL, rtol=0, err_msg="torch h")
+    np.testing.assert_allclose(step.c, ref["torch_c"], atol=TOL, rtol=0, err_msg="torch c")
+    # torch's own recomputed gates give torch's returned state: the reference itself is right
+    np.testing.assert_allclose(ref["h"], ref["torch_h"], atol=1e-6, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layers=st.integers(1, 3), hidden=st.integers(1, 9), features=st.integers(1, 3), n=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([0.3, 1.0, 3.0]))
+def test_gates_match_torch_on_random_models(layers: int, hidden: int, features: int, n: int, seed: int,
+                                            scale: float) -> None:
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    lstm = torch.nn.LSTM(features, hidden, layers, batch_first=True)
+    with torch.no_grad():
+        for prm in lstm.parameters():
+            prm.mul_(scale * 4)  # saturating gates too, not only the init's small weights
+    lin = torch.nn.Linear(hidden, features)
+    p = packed_from_torch(lstm, [(lin, None)])
+    x = rng.normal(0, 2, (n, features))
+    h = rng.uniform(-1, 1, (n, layers, hidden))
+    c = rng.normal(0, 2, (n, layers, hidden))
+    x, h, c = (a.astype(np.float32) for a in (x, h, c))
+    step = gates(p, x, h, c)
+    assert_step_matches(step, torch_reference(lstm, x, h, c))
+    with torch.no_grad():
+        y_ref = lin(torch.from_numpy(step.h[:, -1].astype(np.float32))).numpy()
+    np.testing.assert_allclose(head(p, step.h[:, -1]), y_ref, atol=TOL, rtol=0)
+    assert np.all(step.written >= 0) and np.all(step.dropped >= 0)
+
+
+def test_gates_match_torch_on_default_model_and_engine() -> None:
+    """The trained default model, driven through the Engine: the recorded step's gates equal
+    torch's, and the explained (h, c) equals what the engine stored."""
+    model = load_model(ROOT / "models" / "default")
+    arrays = np.load(Path(model.path) / "weights.npz")
+    lstm = torch.nn.LSTM(model.input_size, model.hidden_size, model.num_layers, batch_first=True)
+    lstm.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("lstm.")})
+    engine = Engine(model)
+    rec = Recorder(model)
+    eng = copy.copy(engine)
+    eng.model = rec
+    st = eng.new_states(3)
+    t = np.arange(300.0)
+    vals = np.stack([10 + np.sin(t / 7), 100 * np.cos(t / 13) + (t > 200) * 50, 0.01 * t], axis=1)
+    for k in range(len(t)):
+        eng.advance(st, vals[k][:, None])
+    x, h, c = rec.calls[-1]
+    assert len(rec.calls) == len(t) and np.abs(c).max() > 0.5  # a real, non-trivial state
+    step = gates(model.packed, x, h, c)
+    assert_step_matches(step, torch_reference(lstm, x, h, c))
+    np.testing.assert_allclose(step.h, st.h, atol=TOL, rtol=0)
+    np.testing.assert_allclose(step.c, st.c, atol=TOL, rtol=0)
+    # the head on the explained h gives the engine's forecast (model units)
+    np.testing.assert_allclose(head(model.packed, step.h[:, -1]), st.pred, atol=TOL, rtol=0)
+
+
+def test_shares_are_changes_of_the_forecast_when_a_unit_is_zeroed() -> None:
+    torch.manual_seed(3)
+    lstm = torch.nn.LSTM(2, 5, 2, batch_first=True)
+    lin0, lin1 = torch.nn.Linear(5, 4), torch.nn.Linear(4, 2)
+    p = packed_from_torch(lstm, [(lin0, "relu"), (lin1, None)])
+    rng = np.random.default_rng(3)
+    x, h, c = rng.normal(size=(2, 2)), rng.uniform(-1, 1, (2, 2, 5)), rng.normal(size=(2, 2, 5))
+    step = gates(p, x, h, c)
+    sh = shares(p, step)
+    assert sh.shape == (2, 2, 5, 2)
+    net = torch.nn.Sequential(lin0, torch.nn.ReLU(), lin1)
+    with torch.no_grad():
+        base = net(torch.from_numpy(step.h[:, 1].astype(np.float32))).numpy()
+        for j in range(5):
+            # top layer: zero unit j straight into the head
+            top = step.h[:, 1].copy()
+            top[:, j] = 0
+            want = net(torch.from_numpy(top.astype(np.float32))).numpy() - base
+            np.testing.assert_allclose(sh[:, 1, j], want, atol=TOL)
+            # bottom layer: zero unit j's new h, rerun the top layer from its old state
+            low = step.h[:, 0].astype(np.float32).copy()
+            low[:, j] = 0
+            w_ih, w_hh = lstm.weight_ih_l1, lstm.weight_hh_l1
+            pre = (torch.from_numpy(low) @ w_ih.T + torch.from_numpy(h[:, 1].astype(np.float32)) @ w_hh.T
+                   + lstm.bias_ih_l1 + lstm.bias_hh_l1)
+            i, f, g, o = pre.chunk(4, dim=1)
+            cc = torch.sigmoid(f) * torch.from_numpy(c[:, 1].astype(np.float32)) + torch.sigmoid(i) * torch.tanh(g)
+            hh = torch.sigmoid(o) * torch.tanh(cc)
+            want = net(hh).numpy() - base
+            np.testing.assert_allclose(sh[:, 0, j], want, atol=TOL)
+
+
+def test_horizon_and_shape_errors() -> None:
+    np.testing.assert_allclose(horizon(np.array([np.exp(-1.0), np.exp(-0.1)])), [1.0, 10.0])
+    assert horizon(np.array([1.0]))[0] == np.inf and horizon(np.array([0.0]))[0] == 0.0
+    p = pack([(np.zeros((8, 1), np.float32), np.zeros((8, 2), np.float32), np.zeros(8, np.float32),
+               np.zeros(8, np.float32))], [(np.ones((1, 2), np.float32), np.zeros(1, np.float32), None)])
+    with pytest.raises(ValueError, match=r"x: expected shape \(n, 1\), got \(1, 2\)"):
+        gates(p, np.zeros((1, 2)), np.zeros((1, 1, 2)), np.zeros((1, 1, 2)))
+    with pytest.raises(ValueError, match=r"c: expected shape \(1, 1, 2\), got \(1, 2\)"):
+        gates(p, np.zeros((1, 1)), np.zeros((1, 1, 2)), np.zeros((1, 2)))
