@@ -171,3 +171,166 @@ class Recorder:
     def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
         self.calls.append((np.array(x), np.array(h), np.array(c)))
         return self._model.step(x, h, c)
+
+
+# ---------------------------------------------------------------- a stream's next step, as JSON
+
+LONG_MEMORY = 20.0  # steps: a unit whose horizon reaches this "remembers" (f >= ~0.95)
+TOP = 3  # units named as the forecast's drivers
+
+
+def _js(a: Any) -> Any:
+    """JSON-ready nested lists; NaN and infinities become None."""
+    arr = np.asarray(a, np.float64)
+    if arr.ndim == 0:
+        v = float(arr)
+        return v if np.isfinite(v) else None
+    return [_js(v) for v in arr] if arr.ndim > 1 else [float(v) if np.isfinite(v) else None for v in arr]
+
+
+def recording(engine: Any) -> tuple[Any, Recorder]:
+    """A shallow copy of ``engine`` whose model records its steps (the engine itself is untouched)."""
+    import copy
+
+    rec = Recorder(engine.model)
+    eng = copy.copy(engine)
+    eng.model = rec
+    return eng, rec
+
+
+def _run(engine: Any, states: Any, x: np.ndarray, ts: np.ndarray | None) -> dict[str, Any]:
+    """One hypothetical step of a one-stream state on reading ``x`` (F,), sensor units, through
+    the engine; ``states`` is left as it was."""
+    eng, rec = recording(engine)
+    new = states.take(slice(None))
+    out = eng.advance(new, x[None, :], ts)
+    if len(rec.calls) != 1:
+        raise RuntimeError(f"explain: expected the engine to call model.step once, it called it {len(rec.calls)} times")
+    z, h, c = rec.calls[0]
+    p = engine.model.packed
+    step = gates(p, z, h, c)
+    _, std = engine.normalizer.current(new.norm)
+    share = shares(p, step)[0] * std[0][None, None, :]  # model units -> sensor units
+    diff = max(float(np.abs(step.h[0] - new.h[0]).max()), float(np.abs(step.c[0] - new.c[0]).max()))
+    return {"step": step, "share": share, "input": z[0], "forecast": out.forecast[0], "expected": out.expected[0],
+            "score": float(out.score[0]), "anomaly": bool(out.anomaly[0]), "engine_diff": diff}
+
+
+def _layers_summary(step: Step, long: float) -> list[dict[str, Any]]:
+    hz = horizon(step.f[0])
+    rows = []
+    for layer, row in enumerate(hz):
+        order = np.argsort(-row, kind="stable")
+        longs = [int(j) for j in order if row[j] >= long]
+        rows.append({"layer": layer, "median_horizon": _js(np.median(row)),
+                     "median_f": float(np.median(step.f[0, layer])),
+                     "long_memory": [{"unit": j, "horizon": _js(row[j])} for j in longs[:5]],
+                     "long_memory_count": len(longs),
+                     "longest": [{"unit": int(j), "horizon": _js(row[j])} for j in order[:3]],
+                     "written": float(step.written[0, layer].sum()), "dropped": float(step.dropped[0, layer].sum())})
+    return rows
+
+
+def _drivers(share: np.ndarray, top: int) -> list[dict[str, Any]]:
+    size = np.abs(share).sum(axis=-1)  # (L, H)
+    flat = np.argsort(-size, axis=None, kind="stable")[:top]
+    return [{"layer": int(k // size.shape[1]), "unit": int(k % size.shape[1]),
+             "share": _js(share[k // size.shape[1], k % size.shape[1]])} for k in flat]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "inf"
+    if isinstance(v, list):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return f"{v:.4g}"
+
+
+def explain_step(engine: Any, states: Any, next_value: Any = None, ts: float | None = None, *,
+                 long: float = LONG_MEMORY, top: int = TOP) -> dict[str, Any]:
+    """The step a stream's cells would take on its next reading, as a JSON-ready document.
+
+    ``states``: the stream's :class:`kernels.states.StreamStates` (one row, as the store loads
+    it); ``next_value``: the reading V (F numbers, sensor units), default the stream's own
+    forecast. Nothing is changed: the engine advances a copy. Arrays of shape (layers, hidden):
+    ``i``, ``f``, ``g``, ``o`` (under ``gates``), ``h_old``, ``c_old``, ``h``, ``c``, ``horizon``
+    (steps, None = infinite), ``written``, ``dropped``; ``share`` is (layers, hidden, features),
+    sensor units. ``summary`` is the short reading; ``compare`` (when V is given) says what
+    changes between V = forecast and V.
+    """
+    model = engine.model
+    if len(states) != 1:
+        raise ValueError(f"states: expected one stream, got {len(states)}")
+    f = model.input_size
+    tsa = None if ts is None else np.array([float(ts)])
+    steps = int(states.steps[0])
+    probe = _run(engine, states, np.zeros(f), tsa) if steps > 0 else None
+    expected = None if probe is None else probe["expected"]
+    if next_value is None:
+        if expected is None or not np.all(np.isfinite(expected)):
+            raise ValueError("the stream has no forecast yet (no reading applied): give the next reading V")
+        v = np.asarray(expected, np.float64)
+    else:
+        v = np.asarray(next_value, np.float64).reshape(-1)
+        if v.shape != (f,) or not np.all(np.isfinite(v)):
+            raise ValueError(f"next reading: expected {f} finite number(s) ({', '.join(model.features)}), "
+                             f"got {np.asarray(next_value).reshape(-1).tolist()}")
+    run = _run(engine, states, v, tsa)
+    step = run["step"]
+    doc: dict[str, Any] = {
+        "model": model.version, "layers": model.num_layers, "hidden": model.hidden_size,
+        "features": list(model.features), "steps": steps, "gate_order": list(GATES),
+        "next": _js(v), "next_is_forecast": next_value is None, "expected": None if expected is None else _js(expected),
+        "input": _js(run["input"]), "forecast": _js(run["forecast"]), "score": run["score"], "anomaly": run["anomaly"],
+        "gates": {k: _js(getattr(step, k)[0]) for k in GATES},
+        "h_old": _js(step.h_old[0]), "c_old": _js(step.c_old[0]), "h": _js(step.h[0]), "c": _js(step.c[0]),
+        "horizon": _js(horizon(step.f[0])), "written": _js(step.written[0]), "dropped": _js(step.dropped[0]),
+        "share": _js(run["share"]), "engine_diff": run["engine_diff"],
+    }
+    summary: dict[str, Any] = {"long_memory_steps": long, "layers": _layers_summary(step, long),
+                               "drivers": _drivers(run["share"], top)}
+    lines = [f"next reading {_fmt(doc['next'])}" + (" (the stream's own forecast)" if next_value is None else "")
+             + f" -> forecast {_fmt(doc['forecast'])}, score {run['score']:.3f}"
+             + (" ANOMALY" if run["anomaly"] else "")]
+    for row in summary["layers"]:
+        longest = ", ".join(f"{u['unit']} ({_fmt(u['horizon'])})" for u in row["longest"])
+        lines.append(f"layer {row['layer']}: median horizon {_fmt(row['median_horizon'])} steps, longest "
+                     f"{longest}; {row['long_memory_count']} unit(s) remember >= {long:g} steps")
+    lines.append("forecast driven by " + "; ".join(f"layer {d['layer']} unit {d['unit']} ({_fmt(d['share'])})"
+                                                   for d in summary["drivers"]))
+    compare = None
+    if next_value is not None and expected is not None and np.all(np.isfinite(expected)):
+        base = _run(engine, states, np.asarray(expected, np.float64), tsa)
+        compare = _compare(base, run, long, top)
+        lines.append(compare["line"])
+    summary["lines"] = lines
+    doc["summary"] = summary
+    doc["compare"] = compare
+    return doc
+
+
+def _compare(base: dict[str, Any], given: dict[str, Any], long: float, top: int) -> dict[str, Any]:
+    """What changes between V = forecast (``base``) and the V given."""
+    b, g = base["step"], given["step"]
+    dc = g.c[0] - b.c[0]
+    df = g.f[0] - b.f[0]
+    flat = np.argsort(-np.abs(dc), axis=None, kind="stable")[:top]
+    hid = dc.shape[1]
+    units = [{"layer": int(k // hid), "unit": int(k % hid), "c_change": float(dc.flat[k]),
+              "f_change": float(df.flat[k]),
+              "horizon_at_forecast": _js(horizon(b.f[0]).flat[k]), "horizon_given": _js(horizon(g.f[0]).flat[k])}
+             for k in flat]
+    hz_b, hz_g = horizon(b.f[0]), horizon(g.f[0])
+    collapsed = int(np.sum((hz_b >= long) & (hz_g < long)))
+    layers = [{"layer": layer, "median_horizon_at_forecast": _js(np.median(hz_b[layer])),
+               "median_horizon_given": _js(np.median(hz_g[layer]))} for layer in range(len(hz_b))]
+    fc = given["forecast"] - base["forecast"]
+    line = (f"vs the forecast as next reading: forecast {_fmt(_js(fc))} ({_fmt(_js(base['forecast']))} -> "
+            f"{_fmt(_js(given['forecast']))}), score {base['score']:.3f} -> {given['score']:.3f}; "
+            f"{collapsed} long-memory unit(s) forget; cells moved most: "
+            + ", ".join(f"L{u['layer']}/{u['unit']} ({u['c_change']:+.3g})" for u in units))
+    return {"forecast_at_forecast": _js(base["forecast"]), "forecast_given": _js(given["forecast"]),
+            "forecast_change": _js(fc), "score_at_forecast": base["score"], "score_given": given["score"],
+            "anomaly_at_forecast": base["anomaly"], "anomaly_given": given["anomaly"],
+            "horizons_collapsed": collapsed, "layers": layers, "units": units,
+            "f_change": _js(df), "c_change": _js(dc), "line": line}
