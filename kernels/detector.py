@@ -1,56 +1,64 @@
-"""Per-stream online anomaly detector: forecast-error records, step records and range breakouts.
+"""Per-stream online anomaly detector: forecast-error records, range breakouts and flat-lines.
 
 Each kind of evidence is judged against the stream's own recent history, so one setting
-serves streams of any scale and noise level:
+serves streams of any scale and noise level, and no statistic can be captured for good by
+one reading (every memory is a sliding window or a clipped average):
 
-- **Error record.** ``e_t`` is the forecast error's size in model units (RMS over features),
-  smoothed over ``smooth`` steps: ``s_t = s + (e_t - s) / smooth``. Its *record* ``R`` is the
-  largest smoothed error of the last ``BLOCKS * block`` steps (kept as the maxima of
-  ``BLOCKS`` blocks of ``block`` steps: a sliding window in constant space), and
-  ``g1 = s_t / R``. A nonparametric tail test, like Telemanom's dynamic thresholds on
+- **Forecast error** (``forecast_error``). ``e_t`` is the forecast error's size in model units
+  (RMS over features), smoothed over ``smooth`` steps: ``s_t = s + (e_t - s) / smooth``. Its
+  *record* ``R`` is the largest smoothed error of the last ``BLOCKS * block`` steps (the
+  maxima of ``BLOCKS`` blocks of ``block`` steps: a sliding window in constant space), and
+  ``g = s_t / R``. A nonparametric tail test, like Telemanom's dynamic thresholds on
   smoothed errors: forecast errors are heavy-tailed, and a Gaussian tail probability on them
-  (Numenta's anomaly likelihood) did much worse on NAB.
-- **Step record** (optional, ``persistence`` > 0). The same on the change since the last
-  reading, in units of the range seen so far (``g2``): the error of the naive "no change"
-  forecast. The two combine as ``g = g1^(1-w) * g2^w`` (``w = persistence``), so a reading
-  must surprise both the LSTM and the naive forecast. Off by default: on NAB it helped a
-  weak forecaster (+2 points) but not the default model (-2).
-- **Range breakout** (the "spatial anomaly" of Numenta's and ARTime's NAB detectors, made
-  noise-aware): a reading outside every value the stream has shown so far by ``r``
-  *typical steps* (the mean size of the change between consecutive readings, over about
-  ``span`` readings). The range's edge is first moved by one step of the stream's drift
-  (its mean signed change over about ``trend`` readings), and widened by ``tol`` times the
-  range. A breakout counts when ``r >= margin`` and
-  ``r * g1 >= novelty * (1 + habit * rate)``, where ``rate`` is the share of the last
+  (Numenta's anomaly likelihood) did much worse.
+- **Range breakout** (``range_breakout``; the "spatial anomaly" of Numenta's and ARTime's
+  detectors, made noise-aware): a reading outside every value of the last ``memory`` readings
+  (or so: ``BLOCKS`` blocks of ``memory / BLOCKS``) by ``r`` *typical steps* (the mean size of
+  the change between consecutive readings, over about ``span`` readings). The range's edge
+  is first moved by one step of the stream's drift (its mean signed change over about
+  ``trend`` readings). A breakout counts when ``r >= margin`` and
+  ``r * g >= novelty * (1 + habit * rate)``, where ``rate`` is the share of the last
   ``span`` or so readings that broke out: a reading just past the range needs a forecast
   error near its record, one far outside needs little, and a stream that keeps breaking
-  out (a noisy trend) needs more. Rounding and noise-level new extremes (a fraction of a
-  step) never count, while a reading that jumps clear of everything seen does.
-- **Flat-line** (a stuck sensor): a feature repeats its reading exactly ``still`` times in a
-  row, and more than twice as long as any run of repeats the stream showed before (so
-  streams that often repeat a value, like small counts, need a much longer run).
+  out (a noisy trend) needs more.
+- **Flat-line** (``flat_line``, a stuck sensor): a feature repeats its reading exactly
+  ``still`` times in a row, and more than twice as long as any run of repeats the stream
+  showed before (so streams that often repeat a value, like small counts, need a much
+  longer run).
 
-The score is ``g / (1 + g)`` (0.5 when the evidence equals its recent record), or 1 on a
-range breakout or at the reading that completes a flat-line; 0 during the first ``warmup``
+Robustness: the changes that feed the typical step and the drift are clipped to
+``CAP`` typical steps (a change larger than that is itself an anomaly and must not set the
+scale; the scale can still grow by ``(CAP - 1) / span`` per step, so a real change of regime
+is learnt within tens of readings); the seen range forgets a reading after at most
+``memory * (1 + 1 / BLOCKS)`` readings, the error record after ``BLOCKS * block``; every
+difference is clipped to ``BIG``, so no finite input puts NaN or infinity into the state.
+
+The score is ``g / (1 + g)`` (0.5 when the error equals its recent record), or 1 on a range
+breakout or at the reading that completes a flat-line; 0 during the first ``warmup``
 errors. After a score at or over ``threshold`` the next ``refractory`` scores are
 multiplied by ``damp``, so one event is reported once.
 
-Per-stream state (``anomaly`` in Redis, float64, :func:`field_names`; 25 + 7F numbers):
-``count`` (errors seen), ``quiet`` (refractory steps left), ``blk_fill`` and ``ring_pos``
-(the running block's length and the ring's next slot); per channel (``err_``, ``step_``):
-``smooth`` (``s``), ``blk_max`` (the running block's maximum) and ``ring_0..7`` (maxima of
-the last 8 blocks); ``breakouts`` (the recent breakout rate: mean of 1 per reading
-``margin`` or more typical steps outside the range, 0 otherwise, weight ``1/min(k, span)``
-at the k-th reading); per feature: ``lo``, ``hi`` (range seen), ``last`` (last reading),
-``jump`` (typical step: mean of ``|x_t - x_{t-1}|``, weight ``1/min(k, span)``),
-``drift`` (mean of ``x_t - x_{t-1}``, weight ``1/min(k, trend)``), ``flat`` (readings in the
-current run of repeats) and ``flat_max`` (the longest earlier run).
+At every scored step the state records which evidence decided the score (``reason``: an
+index into :data:`REASONS`) and the numbers behind it (``ev_*`` fields); :func:`explain`
+turns them into the ``reason`` and ``evidence`` of an alert.
 
-Cost: a pass over 16 numbers and the features per event: about 0.06 microsecond a stream in
-a batch of 1 000 (2 microseconds for a call with one stream, mostly call overhead).
+Per-stream state (``anomaly`` in Redis, float64, :func:`field_names`; 23 + 23F numbers):
+``count`` (errors seen), ``quiet`` (refractory steps left), ``blk_fill`` and ``ring_pos``
+(the error block's length and the ring's next slot), ``err_smooth`` (``s``),
+``err_blk_max`` (the running block's maximum), ``err_ring_0..7`` (maxima of the last 8
+blocks), ``breakouts`` (recent breakout rate: mean of 1 per reading ``margin`` or more
+typical steps outside the range, 0 otherwise, weight ``1/min(k, span)`` at the k-th
+reading), ``rng_fill`` and ``rng_pos`` (the range block's length and ring slot),
+``reason``, ``ev_error`` (``s``), ``ev_record`` (``R``), ``ev_distance`` (``r``),
+``ev_run`` (the longest current run of repeats), ``ev_feature`` (the feature that broke out
+or stuck); per feature: ``lo_blk``, ``hi_blk`` (the running range block), ``lo_ring_0..7``,
+``hi_ring_0..7`` (the last 8 range blocks), ``last`` (last reading), ``jump`` (typical step),
+``drift`` (mean signed step, weight ``1/min(k, trend)``), ``flat`` (readings in the current
+run of repeats) and ``flat_max`` (the longest earlier run). A layout of another length
+(an older detector) is detected by the state store and restarted, never misread.
 
 >>> import numpy as np
->>> p = params({"warmup": 20, "block": 4, "persistence": 0.5})
+>>> p = params({"warmup": 20, "block": 4})
 >>> st = np.zeros((1, state_size(1)))
 >>> out = np.zeros(1)
 >>> rng = np.random.default_rng(0)
@@ -60,14 +68,14 @@ a batch of 1 000 (2 microseconds for a call with one stream, mostly call overhea
 ...     x = np.array([[cycle[t % 8]]])
 ...     update(st, np.array([[0.1 * rng.normal()]]), x, np.array([t > 0]), p, out)
 ...     scores.append(float(out[0]))
->>> max(scores[21:]) < 0.6  # a steady cycle, noisy forecasts: nothing stands out
+>>> max(scores[21:]) < 0.75  # a steady cycle, noisy forecasts: nothing stands out
 True
 >>> update(st, np.array([[3.0]]), np.array([[4.0]]), np.array([True]), p, out)  # an unforeseen jump
->>> bool(out[0] > 0.75)
-True
+>>> bool(out[0] > 0.75), explain(st[0], 1)[0]
+(True, 'forecast_error')
 >>> update(st, np.array([[0.0]]), np.array([[7.0]]), np.array([True]), p, out)  # outside the range
->>> float(out[0])  # a breakout scores 1, damped: the last event's refractory period runs
-0.5
+>>> float(out[0]), explain(st[0], 1)[0]  # a breakout scores 1, damped: the refractory period runs
+(0.5, 'range_breakout')
 >>> p = params(None)
 >>> st = np.zeros((1, state_size(1)))
 >>> for t in range(600):  # an exactly periodic signal; rounding makes tiny new extremes
@@ -91,35 +99,43 @@ from numba import njit
 
 from kernels.states import DETECTOR_FIXED, DETECTOR_PER_FEATURE
 
-BLOCKS = 8  # blocks in the sliding window of recent error maxima (fixed: part of the state layout)
+BLOCKS = 8  # blocks in each sliding window (error record, seen range): fixed, part of the state layout
+CAP = 10.0  # changes beyond this many typical steps are clipped before they update the scale and drift
+BIG = 1e300  # every difference is clipped to +-BIG: finite inputs never overflow to infinity
+ERR_CAP = 1e100  # a forecast error's size is clipped here (its square stays finite)
+
+# The evidence an alert can name, indexed by the state's ``reason`` field.
+REASONS = ("none", "forecast_error", "range_breakout", "flat_line")
 
 FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
           "err_smooth", "err_blk_max", *(f"err_ring_{k}" for k in range(BLOCKS)),
-          "step_smooth", "step_blk_max", *(f"step_ring_{k}" for k in range(BLOCKS)),
-          "breakouts",
-          "lo", "hi", "last", "jump", "drift", "flat", "flat_max")
-_PER = ("lo", "hi", "last", "jump", "drift", "flat", "flat_max")  # per-feature fields, each F long, after the fixed part
-_FIXED = len(FIELDS) - len(_PER)
+          "breakouts", "rng_fill", "rng_pos",
+          "reason", "ev_error", "ev_record", "ev_distance", "ev_run", "ev_feature",
+          "lo_blk", "hi_blk", *(f"lo_ring_{k}" for k in range(BLOCKS)), *(f"hi_ring_{k}" for k in range(BLOCKS)),
+          "last", "jump", "drift", "flat", "flat_max")
+_FIXED = FIELDS.index("lo_blk")
+_PER = FIELDS[_FIXED:]  # per-feature fields, each F long, after the fixed part
 assert (_FIXED, len(_PER)) == (DETECTOR_FIXED, DETECTOR_PER_FEATURE), "update kernels/states.py"
+_REASON = FIELDS.index("reason")
 
 # threshold and calm_steps are read by the engine (episodes); update() reads the rest and the
-# threshold (the refractory period starts at a score at or over it).
+# threshold (the refractory period starts at a score at or over it). docs/detector.md gives
+# each setting's reason.
 DEFAULTS: dict[str, float] = {
-    "threshold": 0.56,  # NAB's corpus-optimal threshold for these settings: 0.553 to 0.562 (two default models)
+    "threshold": 0.56,
     "calm_steps": 20,
     "smooth": 3.0,  # steps the error is averaged over
     "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
     "warmup": 150.0,  # errors seen before anything is scored
-    "tol": 0.0,  # range breakout: extra margin beyond the seen range, as a fraction of it (< 0: off)
+    "memory": 4096.0,  # readings the seen range remembers (about two weeks of 5-minute readings)
     "margin": 0.45,  # range breakout: typical steps beyond the range a reading must at least go
-    "novelty": 0.25,  # ... and (typical steps beyond) x (error ratio g1) must reach this
+    "novelty": 0.25,  # ... and (typical steps beyond) x (error ratio g) must reach this
     "span": 40.0,  # readings the typical step and the breakout rate are averaged over
     "trend": 800.0,  # readings the drift (mean signed step) is averaged over
     "habit": 20.0,  # breakouts on a stream that often breaks out need (1 + habit x its rate) times the evidence
     "still": 10.0,  # flat-line: this many unchanged readings, and twice the longest run seen before (0: off)
     "refractory": 20.0,  # steps damped after a score at or over the threshold
     "damp": 0.5,  # factor on the scores of those steps
-    "persistence": 0.0,  # weight of the step-change record against the forecast-error record (0: off)
 }
 
 
@@ -140,7 +156,7 @@ def field_names(num_features: int) -> tuple[str, ...]:
 
 
 def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:
-    """The model's detector settings over :data:`DEFAULTS`."""
+    """The model's detector settings over :data:`DEFAULTS` (settings of older detectors are ignored)."""
     merged = dict(DEFAULTS)
     merged.update({k: float(v) for k, v in (cfg or {}).items() if k in DEFAULTS})
     return merged
@@ -149,14 +165,47 @@ def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:
 def params(cfg: Mapping[str, Any] | None) -> np.ndarray:
     """The parameter vector :func:`update` takes."""
     c = config(cfg)
-    for key in ("smooth", "block", "span", "trend"):
-        if c[key] < 1:
+    for key in ("smooth", "block", "span", "trend", "memory"):
+        if not c[key] >= 1:
             raise ValueError(f"detector {key}: expected at least 1, got {c[key]}")
-    if not 0.0 <= c["persistence"] <= 1.0:
-        raise ValueError(f"detector persistence: expected a number in [0, 1], got {c['persistence']}")
-    return np.array([c["smooth"], c["block"], c["warmup"], c["tol"], c["refractory"], c["damp"],
-                     c["threshold"], c["persistence"], c["margin"], c["novelty"], c["span"],
-                     c["trend"], c["habit"], c["still"]], dtype=np.float64)
+    for key in ("warmup", "margin", "novelty", "habit", "still", "refractory", "damp"):
+        if not c[key] >= 0:
+            raise ValueError(f"detector {key}: expected a number >= 0, got {c[key]}")
+    return np.array([c["smooth"], c["block"], c["warmup"], c["memory"] / BLOCKS, c["refractory"], c["damp"],
+                     c["threshold"], c["margin"], c["novelty"], c["span"], c["trend"], c["habit"], c["still"]],
+                    dtype=np.float64)
+
+
+def explain(row: np.ndarray, num_features: int) -> tuple[str, dict[str, float]]:
+    """``(reason, evidence)`` of a stream's last scored step, from its ``anomaly`` vector.
+
+    ``forecast_error``: ``error`` (smoothed size, model units), ``record`` (the largest of the
+    last ``BLOCKS * block`` steps before it) and ``ratio``; ``range_breakout``: ``distance_steps``
+    (typical steps outside the range), ``feature``, and the error numbers; ``flat_line``:
+    ``run_length`` (repeats of one reading), ``longest_before`` and ``feature``.
+    """
+    row = np.asarray(row, dtype=np.float64)
+    if row.shape != (state_size(num_features),):
+        raise ValueError(f"anomaly vector: expected {state_size(num_features)} numbers, got shape {row.shape}")
+    k = int(row[_REASON])
+    reason = REASONS[k] if 0 <= k < len(REASONS) else "none"
+    err, rec = float(row[_REASON + 1]), float(row[_REASON + 2])
+    ratio = err / rec if rec > 0 else (1e9 if err > 0 else 0.0)
+    j = min(max(int(row[_REASON + 5]), 0), num_features - 1)
+    if reason == "range_breakout":
+        return reason, {"distance_steps": float(row[_REASON + 3]), "feature": float(j), "error": err,
+                        "record": rec, "ratio": ratio}
+    if reason == "flat_line":
+        fmax = _FIXED + _PER.index("flat_max") * num_features + j
+        return reason, {"run_length": float(row[_REASON + 4]), "longest_before": float(row[fmax]),
+                        "feature": float(j)}
+    return reason, {"error": err, "record": rec, "ratio": ratio}
+
+
+@njit(cache=True)
+def _sub(a: float, b: float) -> float:
+    # a - b, clipped so that finite inputs never give infinity (or, later, NaN).
+    return min(max(a - b, -BIG), BIG)
 
 
 @njit(cache=True)
@@ -165,17 +214,6 @@ def _ratio(s: float, rec: float) -> float:
     if rec > 0.0:
         return s / rec
     return 1e9 if s > 0.0 else 0.0
-
-
-@njit(cache=True)
-def _fold(st: np.ndarray, at: int, s: float, full: bool, pos: int) -> None:
-    # Channel at st[at]: [smooth, block max, ring...]; s joins the running block.
-    st[at] = s
-    m = max(st[at + 1], s)
-    if full:
-        st[at + 2 + pos] = m
-        m = 0.0
-    st[at + 1] = m
 
 
 @njit(cache=True)
@@ -192,15 +230,17 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
     """Fold errors ``err`` (n, F) and readings ``x`` (n, F) into ``state`` (n, D); write ``score`` (n,).
 
     ``err`` is the reading minus the previous forecast in model units; ``x`` the reading in
-    sensor units. Streams with ``valid[i]`` False (their first reading: no forecast to compare
-    yet) score 0; only their range and last reading are updated.
+    sensor units (finite). Streams with ``valid[i]`` False (their first reading: no forecast
+    to compare yet) score 0; only their range and last reading are updated.
     """
-    smooth, block, warmup, tol, refractory, damp, threshold, w = p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
-    margin, novelty, span, trend, habit, still = p[8], p[9], p[10], p[11], p[12], p[13]
+    smooth, block, warmup, rblock, refractory, damp, threshold = p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+    margin, novelty, span, trend, habit, still = p[7], p[8], p[9], p[10], p[11], p[12]
     n, f = err.shape
-    lo0 = _FIXED
-    hi0 = lo0 + f
-    last0 = hi0 + f
+    lob = _FIXED
+    hib = lob + f
+    lor = hib + f
+    hir = lor + BLOCKS * f
+    last0 = hir + BLOCKS * f
     jump0 = last0 + f
     drift0 = jump0 + f
     flat0 = drift0 + f
@@ -209,73 +249,102 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
         st = state[i]
         count = st[0]
         first = count == 0.0 and not valid[i]
-        # Range breakout (in typical steps) and the change since the last reading (in units of
-        # the range), both judged before this reading widens the range.
+        rfill = st[15]
+        # Range breakout (in typical steps), judged before this reading joins the range.
         brk = 0.0
+        brk_j = 0
         stuck = False
-        acc = 0.0
+        stuck_j = 0
+        run_max = 0.0
         for j in range(f):
             v = x[i, j]
             if first:
-                st[lo0 + j] = v
-                st[hi0 + j] = v
+                st[lob + j] = v
+                st[hib + j] = v
+                for k in range(BLOCKS):
+                    st[lor + k * f + j] = v
+                    st[hir + k * f + j] = v
                 st[last0 + j] = v
                 st[jump0 + j] = 0.0
                 st[drift0 + j] = 0.0
                 st[flat0 + j] = 0.0
                 st[fmax0 + j] = 0.0
                 continue
-            lo, hi = st[lo0 + j], st[hi0 + j]
+            lo = st[lob + j] if rfill > 0.0 else st[lor + j]
+            hi = st[hib + j] if rfill > 0.0 else st[hir + j]
+            for k in range(BLOCKS):
+                lo = min(lo, st[lor + k * f + j])
+                hi = max(hi, st[hir + k * f + j])
+            jump = st[jump0 + j]
             dr = st[drift0 + j]  # a trend moves the range's edge by its drift every step
-            excess = max(v - hi - max(dr, 0.0), lo + min(dr, 0.0) - v) - tol * (hi - lo)
-            if tol >= 0.0 and excess > 0.0:
+            excess = max(_sub(v, hi) - max(dr, 0.0), _sub(lo, v) + min(dr, 0.0))
+            if excess > 0.0:
                 # A stream that never moved: any excess well above float rounding is far.
-                unit = max(st[jump0 + j], 1e-9 * max(abs(lo), abs(hi)), 1e-300)
-                brk = max(brk, min(excess / unit, 1e12))
-            st[jump0 + j] += (abs(v - st[last0 + j]) - st[jump0 + j]) / min(count + 1.0, span)
-            st[drift0 + j] += (v - st[last0 + j] - st[drift0 + j]) / min(count + 1.0, trend)
+                unit = max(jump, 1e-9 * max(abs(lo), abs(hi)), 1e-300)
+                r = min(excess / unit, 1e12)
+                if r > brk:
+                    brk = r
+                    brk_j = j
+            dv = _sub(v, st[last0 + j])
+            if jump > 0.0:  # a change far beyond the typical step must not set the scale
+                dv = min(max(dv, -CAP * jump), CAP * jump)
+            st[jump0 + j] = jump + (abs(dv) - jump) / min(count + 1.0, span)
+            st[drift0 + j] = dr + (dv - dr) / min(count + 1.0, trend)
             # Flat-line: a run of unchanged readings longer than any before (and >= still).
             if v == st[last0 + j]:
                 run = st[flat0 + j] + 1.0
                 st[flat0 + j] = run
-                if still > 0.0 and run == max(still, 2.0 * st[fmax0 + j] + 1.0):
+                run_max = max(run_max, run)
+                if still > 0.0 and run == max(still, 2.0 * st[fmax0 + j] + 1.0) and not stuck:
                     stuck = True
+                    stuck_j = j
             else:
                 st[fmax0 + j] = max(st[fmax0 + j], st[flat0 + j])
                 st[flat0 + j] = 0.0
-            if hi > lo:
-                d = min(abs(v - st[last0 + j]) / (hi - lo), 1e100)  # finite even for a tiny range
-                acc += d * d
-            st[lo0 + j] = min(lo, v)
-            st[hi0 + j] = max(hi, v)
+            # The reading joins the running range block.
+            if rfill > 0.0:
+                st[lob + j] = min(st[lob + j], v)
+                st[hib + j] = max(st[hib + j], v)
+            else:
+                st[lob + j] = v
+                st[hib + j] = v
             st[last0 + j] = v
+        if not first:
+            rfill += 1.0
+            if rfill >= rblock:  # a full range block enters the ring
+                pos = int(st[16])
+                for j in range(f):
+                    st[lor + pos * f + j] = st[lob + j]
+                    st[hir + pos * f + j] = st[hib + j]
+                st[16] = float((pos + 1) % BLOCKS)
+                rfill = 0.0
+        st[15] = rfill
         if not valid[i]:
             score[i] = 0.0
             continue
-        rate = st[_FIXED - 1]
-        st[_FIXED - 1] = rate + ((1.0 if brk >= margin else 0.0) - rate) / min(count + 1.0, span)
-        d = np.sqrt(acc / f)
+        rate = st[14]
+        st[14] = rate + ((1.0 if brk >= margin else 0.0) - rate) / min(count + 1.0, span)
         acc = 0.0
         for j in range(f):
-            acc += err[i, j] * err[i, j]
+            e = err[i, j]
+            e = min(abs(e), ERR_CAP) if e == e else ERR_CAP  # NaN or infinity: as large as can be
+            acc += e * e
         e = np.sqrt(acc / f)
         count += 1.0
-        a = 1.0 / min(count, smooth)
-        s1 = e if count == 1.0 else st[4] + a * (e - st[4])
-        s2 = d if count == 1.0 else st[14] + a * (d - st[14])
+        s1 = e if count == 1.0 else st[4] + (e - st[4]) / min(count, smooth)
+        rec = _record(st, 4)
         raw = 0.0
+        reason = 0.0
         if count > warmup:
-            g1 = _ratio(s1, _record(st, 4))
-            g2 = _ratio(s2, _record(st, 14))
-            if w <= 0.0:
-                g = g1
-            elif w >= 1.0:
-                g = g2
-            else:
-                g = g1 ** (1.0 - w) * g2 ** w
+            g = _ratio(s1, rec)
             raw = g / (1.0 + g)
-            if stuck or (brk >= margin and brk * g1 >= novelty * (1.0 + habit * rate)):
+            reason = 1.0
+            if stuck:
                 raw = 1.0
+                reason = 3.0
+            elif brk >= margin and brk * g >= novelty * (1.0 + habit * rate):
+                raw = 1.0
+                reason = 2.0
         quiet = st[1]
         if quiet > 0.0:
             quiet -= 1.0
@@ -283,15 +352,23 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
         elif raw >= threshold:
             quiet = refractory
         score[i] = min(max(raw, 0.0), 1.0)
-        # Both channels join the running block; a full block enters the ring.
+        st[_REASON] = reason
+        st[_REASON + 1] = s1
+        st[_REASON + 2] = rec
+        st[_REASON + 3] = brk
+        st[_REASON + 4] = run_max
+        st[_REASON + 5] = float(stuck_j if stuck else brk_j)
+        # The smoothed error joins the running block; a full block enters the ring.
         fill = st[2] + 1.0
-        full = fill >= block
         pos = int(st[3])
-        _fold(st, 4, s1, full, pos)
-        _fold(st, 14, s2, full, pos)
-        if full:
+        st[4] = s1
+        m = max(st[5], s1)
+        if fill >= block:
+            st[6 + pos] = m
+            m = 0.0
             st[3] = float((pos + 1) % BLOCKS)
             fill = 0.0
+        st[5] = m
         st[0] = count
         st[1] = quiet
         st[2] = fill

@@ -78,6 +78,16 @@ class Engine:
         alert = track_episodes(st.episode, anomaly, self.calm_steps)
         return Outputs(expected, forecast, score, anomaly, alert)
 
+    def alert_reasons(self, st: StreamStates, rows: Any) -> list[tuple[str, dict[str, float]]]:
+        """``(reason, evidence)`` for each stream at ``rows`` (indices or a mask over ``st``), from the
+        detector's record of its last step: call it after :meth:`advance` for the streams whose
+        alert opened. Codes and fields: :func:`kernels.detector.explain`, docs/detector.md."""
+        f = self.model.input_size
+        idx = np.atleast_1d(np.asarray(rows))
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return [detector.explain(st.anomaly[int(i)], f) for i in idx.ravel()]
+
 
 def track_episodes(episode: np.ndarray, anomaly: np.ndarray, calm_steps: int) -> np.ndarray:
     """Advance each stream's episode counter in place; True where an episode opens.

@@ -3,7 +3,7 @@ worker. Plain numpy: importing this module loads no numba (``lstream state`` sta
 
 >>> st = StreamStates.zeros(2, 1, 3, 1)
 >>> st.h.shape, st.norm.shape, st.anomaly.shape, len(st)
-((2, 1, 3), (2, 3), (2, 32), 2)
+((2, 1, 3), (2, 3), (2, 46), 2)
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 # Lengths of the detector's per-stream vector: kernels.detector checks these against its own
 # field lists at import, so the two cannot drift apart.
-DETECTOR_FIXED = 25
-DETECTOR_PER_FEATURE = 7
+DETECTOR_FIXED = 23
+DETECTOR_PER_FEATURE = 23
 
 
 def norm_size(num_features: int) -> int:
