@@ -105,12 +105,18 @@ def _read_table(path: str) -> tuple[list[str], list[list[str]]]:
     return header, rows[1:]
 
 
-def _time_column(path: str, header: list[str]) -> int:
+def _time_column(path: str, header: list[str], time_column: str | None = None) -> int:
+    if time_column is not None:
+        if time_column not in header:
+            raise DataError(f"{path}: no time column {time_column!r} (--time-column), got columns {header}")
+        return header.index(time_column)
     lower = [name.lower() for name in header]
     for name in TIME_COLUMNS:
         if name in lower:
             return lower.index(name)
-    raise DataError(f"{path}: no timestamp column (expected one named 'timestamp'), got columns {header}")
+    accepted = ", ".join(repr(n) for n in TIME_COLUMNS)
+    raise DataError(f"{path}: no timestamp column (expected one named {accepted}, any case, or name it with "
+                    f"--time-column), got columns {header}")
 
 
 def _is_number(cell: str) -> bool:
@@ -163,11 +169,13 @@ def _build(path: str, name: str, header: list[str], rows: list[list[str]], t_col
     return Series(name, ts, values, [header[j] for j in v_cols], [row[t_col] for row in rows], path)
 
 
-def read_csv(path: str | os.PathLike[str], columns: Sequence[str] | None = None, *, min_rows: int = 1) -> Series:
-    """One stream from one CSV file; ``columns`` chooses the value columns (default: all numeric)."""
+def read_csv(path: str | os.PathLike[str], columns: Sequence[str] | None = None, *, min_rows: int = 1,
+             time_column: str | None = None) -> Series:
+    """One stream from one CSV file; ``columns`` chooses the value columns (default: all numeric),
+    ``time_column`` the time column (default: the first of :data:`TIME_COLUMNS`, any case)."""
     path = os.fspath(path)
     header, rows = _read_table(path)
-    t_col = _time_column(path, header)
+    t_col = _time_column(path, header, time_column)
     v_cols = _value_columns(path, header, rows, {t_col}, columns)
     series = _build(path, stream_name(path), header, rows, t_col, v_cols, list(range(2, len(rows) + 2)))
     if len(rows) < min_rows:
@@ -176,7 +184,8 @@ def read_csv(path: str | os.PathLike[str], columns: Sequence[str] | None = None,
 
 
 def read_streams(paths: Sequence[str | os.PathLike[str]], stream_column: str | None = None,
-                 columns: Sequence[str] | None = None, *, min_rows: int = 1) -> list[Series]:
+                 columns: Sequence[str] | None = None, *, min_rows: int = 1,
+                 time_column: str | None = None) -> list[Series]:
     """One stream per file (named after the file), or one per value of ``stream_column``.
 
     All streams must have the same features, in the same order.
@@ -188,13 +197,13 @@ def read_streams(paths: Sequence[str | os.PathLike[str]], stream_column: str | N
     for raw in paths:
         path = os.fspath(raw)
         if stream_column is None:
-            parts = [read_csv(path, columns, min_rows=min_rows)]
+            parts = [read_csv(path, columns, min_rows=min_rows, time_column=time_column)]
         else:
             header, rows = _read_table(path)
             if stream_column not in header:
                 raise DataError(f"{path}: no stream column {stream_column!r}, got columns {header}")
             s_col = header.index(stream_column)
-            t_col = _time_column(path, header)
+            t_col = _time_column(path, header, time_column)
             v_cols = _value_columns(path, header, rows, {t_col, s_col}, columns)
             groups: dict[str, list[int]] = {}
             for i, row in enumerate(rows):
