@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-BENCHES = ("kernels", "state", "e2e")
+BENCHES = ("kernels", "state", "e2e", "scale")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
