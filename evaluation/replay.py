@@ -72,8 +72,10 @@ def replay_streams(engine: Engine, streams: Sequence[Series]) -> list[ReplayResu
     order = np.argsort(-lengths, kind="stable")
     sorted_len = lengths[order]
     x = np.zeros((n, horizon, f))
+    ts = np.zeros((n, horizon))
     for j, i in enumerate(order):
         x[j, : lengths[i]] = streams[i].values
+        ts[j, : lengths[i]] = streams[i].ts
     expected = np.full((n, horizon, f), np.nan)
     forecast = np.full((n, horizon, f), np.nan)
     score = np.zeros((n, horizon))
@@ -83,10 +85,10 @@ def replay_streams(engine: Engine, streams: Sequence[Series]) -> list[ReplayResu
     for t in range(horizon):
         k = int(np.count_nonzero(sorted_len > t))
         if k == n:
-            out = engine.advance(st, x[:, t])
+            out = engine.advance(st, x[:, t], ts=ts[:, t])
         else:
             sub = st.take(slice(0, k))
-            out = engine.advance(sub, x[:k, t])
+            out = engine.advance(sub, x[:k, t], ts=ts[:k, t])
             st.put(slice(0, k), sub)
         expected[:k, t] = out.expected
         forecast[:k, t] = out.forecast

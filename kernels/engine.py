@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kernels import detector
+from kernels.adapt import Adapter
 from kernels.norm import Normalizer
 from kernels.states import StreamStates
 
@@ -36,7 +37,8 @@ class Outputs:
 class Engine:
     """Advances streams through the model, normalisation and detector of one artifact."""
 
-    def __init__(self, model: Any, threshold: float | None = None, calm_steps: int | None = None) -> None:
+    def __init__(self, model: Any, threshold: float | None = None, calm_steps: int | None = None,
+                 adapt: bool | None = None) -> None:
         self.model = model
         cfg = detector.config(model.detector)
         self.threshold = float(cfg["threshold"] if threshold is None else threshold)
@@ -45,6 +47,13 @@ class Engine:
             raise ValueError(f"calm_steps: expected at least 1, got {self.calm_steps}")
         self.detector_params = detector.params(model.detector)
         self.normalizer = Normalizer(model.norm, model.input_size)
+        # model.json "residual": the network predicts the change from the last reading
+        self.residual = bool(model.meta.get("residual", False))
+        # model.json "adapt": per-stream online adaptation (kernels.adapt); absent or
+        # {"enabled": false}: the global forecast alone, as before
+        cfg_adapt = dict(model.meta.get("adapt") or {})
+        on = bool(cfg_adapt) and bool(cfg_adapt.get("enabled", True)) if adapt is None else adapt
+        self.adapter = Adapter(cfg_adapt, model.input_size, self.normalizer.clip) if on else None
 
     def new_states(self, n: int) -> StreamStates:
         m = self.model
@@ -66,10 +75,16 @@ class Engine:
         score = np.zeros(n)
         detector.update(st.anomaly, err, x, seen, self.detector_params, score)
 
+        mean0, std0 = mean, std
         norm.observe(st.norm, x)
         mean, std = norm.current(st.norm)
         z = norm.scale(x, mean, std).astype(np.float32)
         y = self.model.step(z, st.h, st.c)
+        if self.residual:
+            y += z
+        if self.adapter is not None:
+            times = np.full(n, np.nan) if ts is None else np.asarray(ts, dtype=np.float64).reshape(n)
+            y = self.adapter.step(st.adapt, x, times, seen, mean0, std0, mean, std, y).astype(np.float32)
         st.pred[:] = y
         st.steps += 1
         forecast = y.astype(np.float64) * std + mean

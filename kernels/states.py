@@ -20,6 +20,35 @@ DETECTOR_FIXED = 23
 DETECTOR_PER_FEATURE = 23
 
 
+# Per-stream adaptation (kernels.adapt): experts mixed, regressors of the adapted readout.
+ADAPT_EXPERTS = ("global", "persistence", "seasonal", "seasonal_diff", "level", "adapted")
+ADAPT_REGRESSORS = ("bias", "last", "global", "seasonal", "level", "tod_sin", "tod_cos", "dow_sin", "dow_cos")
+ADAPT_HEADER = ("layout", "last_ts", "dt", "dt_count", "steps")
+ADAPT_MAX_FLOATS = 1024  # 8 KB per stream
+
+
+def adapt_layout(num_features: int) -> dict[str, int]:
+    """Offsets in a stream's ``adapt`` vector (float64): the header (``ADAPT_HEADER``), then per
+    feature [level, forecast per expert, mean abs error per expert, error count per expert,
+    readout weights (d), its inverse-correlation matrix P (d x d), last regressors (d)], then
+    the time-of-day bins: their last reading's ts, then values (bin-major, F per bin). The
+    number of bins (a divisor of 288, i.e. 5 to 60 minutes wide) shrinks with F to stay <= 8 KB."""
+    k, d = len(ADAPT_EXPERTS), len(ADAPT_REGRESSORS)
+    per = 1 + 3 * k + d + d * d + d
+    head = len(ADAPT_HEADER)
+    for bins in (288, 144, 96, 48, 24):
+        size = head + per * num_features + bins * (1 + num_features)
+        if size <= ADAPT_MAX_FLOATS:
+            break
+    return {"bins": bins, "per_feature": per, "features_at": head, "bin_ts_at": head + per * num_features,
+            "bin_values_at": head + per * num_features + bins, "size": size}
+
+
+def adapt_size(num_features: int) -> int:
+    """Length of a stream's ``adapt`` vector (0 floats are kept by models without adaptation)."""
+    return adapt_layout(num_features)["size"]
+
+
 def norm_size(num_features: int) -> int:
     """Length of a stream's ``norm`` vector (count, then mean and M2 per feature)."""
     return 1 + 2 * num_features
@@ -36,15 +65,17 @@ class StreamStates:
     norm: np.ndarray  # float64 (n, 1+2F): kernels.norm statistics (stream mode)
     anomaly: np.ndarray  # float64 (n, D): kernels.detector.field_names(F)
     episode: np.ndarray  # int64 (n,): -1 outside an episode, else steps under threshold so far
+    adapt: np.ndarray  # float64 (n, A): kernels.adapt state (adapt_layout), A = 0 without adaptation
 
     def __len__(self) -> int:
         return int(self.steps.shape[0])
 
     @classmethod
     def zeros(cls, n: int, num_layers: int, hidden_size: int, num_features: int,
-              anomaly_size: int | None = None) -> StreamStates:
+              anomaly_size: int | None = None, adapt: int | None = None) -> StreamStates:
         """n fresh streams (``anomaly_size``: the detector's vector length, by default
-        :func:`kernels.detector.state_size` of ``num_features``, computed here without numba)."""
+        :func:`kernels.detector.state_size` of ``num_features``, computed here without numba;
+        ``adapt``: the adaptation vector's length, by default :func:`adapt_size`)."""
         if anomaly_size is None:
             anomaly_size = DETECTOR_FIXED + DETECTOR_PER_FEATURE * num_features
         return cls(
@@ -55,6 +86,7 @@ class StreamStates:
             norm=np.zeros((n, norm_size(num_features))),
             anomaly=np.zeros((n, anomaly_size)),
             episode=np.full(n, -1, np.int64),
+            adapt=np.zeros((n, adapt_size(num_features) if adapt is None else adapt)),
         )
 
     def take(self, idx: Any) -> StreamStates:
