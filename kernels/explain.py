@@ -164,13 +164,16 @@ class Recorder:
     def __init__(self, model: Any) -> None:
         self._model = model
         self.calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.outputs: list[np.ndarray] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
 
     def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
         self.calls.append((np.array(x), np.array(h), np.array(c)))
-        return self._model.step(x, h, c)
+        y = self._model.step(x, h, c)
+        self.outputs.append(np.array(y))
+        return y
 
 
 # ---------------------------------------------------------------- a stream's next step, as JSON
@@ -209,11 +212,16 @@ def _run(engine: Any, states: Any, x: np.ndarray, ts: np.ndarray | None) -> dict
     z, h, c = rec.calls[0]
     p = engine.model.packed
     step = gates(p, z, h, c)
-    _, std = engine.normalizer.current(new.norm)
+    mean, std = engine.normalizer.current(new.norm)
     share = shares(p, step)[0] * std[0][None, None, :]  # model units -> sensor units
+    # The LSTM's own forecast; the engine may add the reading (residual models) and mix it with
+    # per-stream experts (adaptation) before it becomes ``forecast``.
+    y = rec.outputs[0][0].astype(np.float64) + (z[0] if getattr(engine, "residual", False) else 0.0)
+    lstm_forecast = y * std[0] + mean[0]
     diff = max(float(np.abs(step.h[0] - new.h[0]).max()), float(np.abs(step.c[0] - new.c[0]).max()))
     return {"step": step, "share": share, "input": z[0], "forecast": out.forecast[0], "expected": out.expected[0],
-            "score": float(out.score[0]), "anomaly": bool(out.anomaly[0]), "engine_diff": diff}
+            "lstm_forecast": lstm_forecast, "score": float(out.score[0]), "anomaly": bool(out.anomaly[0]),
+            "engine_diff": diff}
 
 
 def _layers_summary(step: Step, long: float) -> list[dict[str, Any]]:
@@ -255,7 +263,8 @@ def explain_step(engine: Any, states: Any, next_value: Any = None, ts: float | N
     forecast. Nothing is changed: the engine advances a copy. Arrays of shape (layers, hidden):
     ``i``, ``f``, ``g``, ``o`` (under ``gates``), ``h_old``, ``c_old``, ``h``, ``c``, ``horizon``
     (steps, None = infinite), ``written``, ``dropped``; ``share`` is (layers, hidden, features),
-    sensor units. ``summary`` is the short reading; ``compare`` (when V is given) says what
+    sensor units, the change of the LSTM's forecast (``lstm_forecast``: before any per-stream
+    adaptation mixes it into ``forecast``). ``summary`` is the short reading; ``compare`` (when V is given) says what
     changes between V = forecast and V.
     """
     model = engine.model
@@ -281,7 +290,8 @@ def explain_step(engine: Any, states: Any, next_value: Any = None, ts: float | N
         "model": model.version, "layers": model.num_layers, "hidden": model.hidden_size,
         "features": list(model.features), "steps": steps, "gate_order": list(GATES),
         "next": _js(v), "next_is_forecast": next_value is None, "expected": None if expected is None else _js(expected),
-        "input": _js(run["input"]), "forecast": _js(run["forecast"]), "score": run["score"], "anomaly": run["anomaly"],
+        "input": _js(run["input"]), "forecast": _js(run["forecast"]),
+        "lstm_forecast": _js(run["lstm_forecast"]), "score": run["score"], "anomaly": run["anomaly"],
         "gates": {k: _js(getattr(step, k)[0]) for k in GATES},
         "h_old": _js(step.h_old[0]), "c_old": _js(step.c_old[0]), "h": _js(step.h[0]), "c": _js(step.c[0]),
         "horizon": _js(horizon(step.f[0])), "written": _js(step.written[0]), "dropped": _js(step.dropped[0]),

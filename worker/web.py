@@ -2,9 +2,13 @@
 
 - ``GET /streams/{id}``: the stream's state as JSON, the same document as
   ``lstream state show ID --json`` (:func:`state.inspection.describe`); 404 if there is none.
+- ``GET /streams/{id}/explain[?next=V]``: the gates of the step the stream would take on its next
+  reading, the same document as ``lstream state explain ID --json`` (docs/explain.md).
 - ``GET /healthz``: 200 with ``{"status": "ok", ...}`` while the worker is ready and Redis and
-  the broker answer; 503 with ``"starting"`` or ``"degraded"`` (and why) otherwise.
-- ``GET /metrics``: Prometheus text format (worker/metrics.py).
+  the broker answer; 503 otherwise: ``"starting"`` with ``"waiting_for"`` (the start-up step:
+  ``broker``, ``redis``, ``partition assignment``) and the last error that step met, or
+  ``"degraded"`` with the service that is down and why. It answers from the first second.
+- ``GET /metrics``: Prometheus text format (worker/metrics.py, docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 
 from state.errors import StateError, StateNotFound
 
-PROMETHEUS = "text/plain; version=0.0.4"  # aiohttp adds "; charset=utf-8"
+from worker.metrics import CONTENT_TYPE as PROMETHEUS  # aiohttp adds "; charset=utf-8"
 
 
 def health(runtime: Any) -> tuple[int, dict[str, Any]]:
@@ -37,6 +41,9 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
         "last_batch_age": None if last is None else round(time.time() - last, 3),
         "uptime": round(time.time() - r.started_at, 3),
     }
+    waiting = r.startup.doc()
+    if waiting["waiting_for"] is not None:
+        body.update(waiting)
     if not r.ready:
         body["status"] = "starting"
         return 503, body
@@ -45,6 +52,9 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
         return 503, body
     if r.redis_outage.down or r.broker_outage.down:
         body["status"] = "degraded"
+        store = r.store
+        if r.redis_outage.down and getattr(store, "last_error", None):
+            body["redis_error"] = store.last_error
         return 503, body
     return 200, body
 
@@ -69,6 +79,34 @@ async def stream_doc(runtime: Any, stream_id: str) -> tuple[int, dict[str, Any]]
     return 200, describe(rec)
 
 
+async def explain_doc(runtime: Any, stream_id: str, next_values: list[str]) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) of ``/streams/{id}/explain[?next=V[,V...]]``: the document of
+    ``lstream state explain ID --json`` (:func:`kernels.explain.explain_step`), computed on demand."""
+    from kernels.explain import explain_step
+
+    if runtime.store is None:
+        return 503, {"error": "starting", "detail": "the worker is not connected to Redis yet"}
+    try:
+        nxt = [float(p) for v in next_values for p in v.split(",") if p.strip()] or None
+    except ValueError:
+        return 400, {"error": "bad_next", "detail": f"next: expected numbers, got {next_values!r}"}
+    try:
+        rec = await runtime.store.get(stream_id)
+        if rec.get("model") != runtime.model.version:
+            return 409, {"error": "model_mismatch", "detail": f"stream {stream_id!r}: its state belongs to model "
+                         f"{rec.get('model')}, the worker runs {runtime.model.version}"}
+        loaded = await runtime.store.load([stream_id])
+    except StateNotFound as exc:
+        return 404, {"error": "not_found", "detail": str(exc)}
+    except StateError as exc:
+        return 503, {"error": "state_unavailable", "detail": str(exc)}
+    try:
+        doc = explain_step(runtime.engine, loaded.states, nxt)
+    except ValueError as exc:
+        return 400, {"error": "bad_next", "detail": str(exc)}
+    return 200, {"stream_id": stream_id, **doc, "updated_at": rec.get("updated_at"), "ts": rec.get("ts")}
+
+
 def add_views(app: Any, runtime: Any) -> None:
     """Register the views on the Faust ``app``."""
     from faust.web import View
@@ -85,8 +123,15 @@ def add_views(app: Any, runtime: Any) -> None:
 
     class MetricsView(View):
         async def get(self, request: Any) -> Any:
-            return self.text(runtime.metrics.render(), content_type=PROMETHEUS)
+            return self.bytes(runtime.metrics.render(), content_type=PROMETHEUS)
 
+    class ExplainView(View):
+        async def get(self, request: Any, stream_id: str) -> Any:
+            status, body = await explain_doc(runtime, stream_id, request.query.getall("next", []))
+            return self.json(body, status=status)
+
+    # Registered before /streams/{id}, which would otherwise take ".../explain" as part of the id.
+    app.page("/streams/{stream_id:.+}/explain", name="lstream-stream-explain")(ExplainView)
     # Stream ids may contain '/', ':' and '@': match the rest of the path.
     app.page("/streams/{stream_id:.+}", name="lstream-stream")(StreamView)
     app.page("/healthz", name="lstream-healthz")(HealthView)

@@ -1,4 +1,4 @@
-"""``lstream state show ID | list | reset ID``: inspect the per-stream state kept in Redis.
+"""``lstream state show ID | list | reset ID | explain ID``: inspect the per-stream state kept in Redis.
 
 ``show`` prints one stream's state as a table (``--json``: every field, ``h`` and ``c`` as
 nested lists, the same document as the worker's ``GET /streams/{id}``); ``list`` the streams
@@ -192,7 +192,7 @@ def _confirm(stream_id: str) -> bool:
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="action", metavar="show|list|reset", parser_class=OneLineParser)
+    sub = p.add_subparsers(dest="action", metavar="show|list|reset|explain", parser_class=OneLineParser)
     sub.required = True
 
     def common(sp: argparse.ArgumentParser) -> None:
@@ -214,6 +214,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     sp.add_argument("stream_id", metavar="ID")
     sp.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     common(sp)
+    sp = sub.add_parser("explain", help="the gates of the step the stream's cells would take on its next reading")
+    sp.add_argument("stream_id", metavar="ID")
+    sp.add_argument("--next", nargs="+", metavar="V",
+                    help="the next reading, one number per feature (default: the stream's own forecast)")
+    sp.add_argument("--json", action="store_true", help="the whole explanation as JSON")
+    sp.add_argument("--plot", metavar="PNG", help="draw gates, cells and shares per unit into this PNG")
+    sp.add_argument("--units", type=int, default=0, help="table: only the top units per layer (default: all)")
+    sp.add_argument("--model", help="model artifact the state belongs to (env LSTREAM_MODEL)")
+    common(sp)
     return p
 
 
@@ -231,6 +240,10 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         else:
             print_show(doc)
         return 0
+    if args.action == "explain":
+        from lstream.explain import run_explain
+
+        return run_explain(args, url, settings.model)
     if args.action == "list":
         if args.limit < 1:
             raise CliError(f"--limit: expected a count >= 1, got {args.limit}")
