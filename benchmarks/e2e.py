@@ -404,7 +404,7 @@ async def _send(broker: str, topic: str, feed: Feed, readings: int, batch: int, 
     """Send ``readings`` readings (as single events or gateway batches); returns messages sent."""
     import orjson
 
-    from lstream.commands.produce import gateway_of
+    from lstream.feeds import gateway_of
     from worker.kafka import Sender
 
     messages = 0

@@ -150,7 +150,8 @@ def start_broker(port: int | None = None, timeout: float = 30.0) -> Service:
     return Service("broker", port, f"kafka://127.0.0.1:{port}", proc)
 
 
-REDIS_HINT = "redis-server not found: install it (apt-get install redis-server, brew install redis) or set LSTREAM_REDIS_URL"
+REDIS_HINT = ("redis-server not found: install it (apt-get install redis-server, brew install redis) "
+              "or set LSTREAM_REDIS_URL")
 
 
 def start_redis(port: int | None = None, timeout: float = 15.0, password: str | None = None) -> Service:

@@ -1,6 +1,6 @@
 """``lstream bench [kernels|state|e2e|all]``: run the benchmarks and print their tables.
 
-Each benchmark is a module ``bench.<name>`` with ``main(argv: list[str]) -> int``; ``all``
+Each benchmark is a module ``benchmarks.<name>`` of the source checkout with ``main(argv: list[str]) -> int``; ``all``
 (the default) runs every one that is installed, in order.
 
 >>> build_parser("lstream bench").parse_args(["kernels", "--quick"])
@@ -15,20 +15,19 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from lstream.cli import CliError, Parser, description
+
 BENCHES = ("kernels", "state", "e2e", "scale")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Run the benchmarks and print a table.")
-    parser.add_argument("which", nargs="?", default="all", choices=(*BENCHES, "all"),
-                        help="which benchmark (default: all)")
+    parser = Parser(prog=prog, description=description(__doc__))
+    parser.add_argument("which", nargs="?", default="all", choices=(*BENCHES, "all"), help="which benchmark")
     parser.add_argument("--quick", action="store_true", help="short smoke runs instead of full timings")
     return parser
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from lstream.cli import CliError
-
     checkout = Path(__file__).resolve().parents[2]
     if not (checkout / "benchmarks" / "__init__.py").is_file():
         raise CliError("the benchmarks live in the source checkout (benchmarks/), which this install "

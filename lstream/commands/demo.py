@@ -11,30 +11,24 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping
 
-
-class _Parser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+from lstream.cli import Parser, description, setting
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     from lstream.demo.run import DemoOptions
 
     d = DemoOptions()
-    p = _Parser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--streams", type=int, default=d.streams, help=f"sensor streams (default {d.streams})")
-    p.add_argument("--steps", type=int, default=None,
-                   help="readings per stream (default: the model's detector warm-up + 110)")
+    p = Parser(prog=prog, description=description(__doc__))
+    p.add_argument("--streams", type=int, default=d.streams, help="sensor streams")
+    setting(p, "--steps", type=int, default=None, default_text="the model's detector warm-up + 110",
+            help="readings per stream")
     p.add_argument("--seconds", type=float, default=d.seconds,
-                   help=f"replay the feed over this many seconds once the worker is up (default {d.seconds:g})")
-    p.add_argument("--anomaly-rate", type=float, default=d.anomaly_rate,
-                   help=f"injected anomalies per reading (default {d.anomaly_rate})")
+                   help="replay the feed over this many seconds once the worker is up")
+    p.add_argument("--anomaly-rate", type=float, default=d.anomaly_rate, help="injected anomalies per reading")
     p.add_argument("--tolerance", type=int, default=d.tolerance,
-                   help=f"readings after an injected anomaly in which an alert counts as caught (default {d.tolerance})")
-    p.add_argument("--seed", type=int, default=d.seed, help="feed seed (default 0)")
-    p.add_argument("--out", default=d.out, help=f"directory for demo.png, summary.json, worker.log (default {d.out})")
+                   help="readings after an injected anomaly in which an alert counts as caught")
+    p.add_argument("--seed", type=int, default=d.seed, help="feed seed")
+    p.add_argument("--out", default=d.out, help="directory for demo.png, summary.json, worker.log")
     p.add_argument("--no-live", dest="live", action="store_false", help="plain progress lines instead of the live view")
     p.add_argument("--keep", action="store_true",
                    help="after the summary keep broker, Redis and worker running until Ctrl-C")

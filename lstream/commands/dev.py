@@ -13,14 +13,15 @@ import sys
 import time
 from collections.abc import Mapping
 
+from lstream.cli import Parser, description, setting
 from lstream.demo.procs import Interrupts
 from lstream.devservices import Service, ServiceError, start_broker, start_redis
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--broker-port", type=int, default=None, help="broker port (default: a free one)")
-    p.add_argument("--redis-port", type=int, default=None, help="Redis port (default: a free one)")
+    p = Parser(prog=prog, description=description(__doc__))
+    setting(p, "--broker-port", type=int, default=None, default_text="a free one", help="broker port")
+    setting(p, "--redis-port", type=int, default=None, default_text="a free one", help="Redis port")
     return p
 
 

@@ -25,14 +25,9 @@ from typing import Any, TextIO
 
 import orjson
 
+from lstream.cli import CliError, Parser, description, setting
+
 KINDS = ("predictions", "alerts", "dlq")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr and exit code 2 (no usage block)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def topic_for(kind: str, settings: Any) -> str:
@@ -74,11 +69,31 @@ def format_line(kind: str, value: Any, key: str | None) -> str:
                 f"forecast {_nums(value.get('forecast'))}  score {value.get('score', float('nan')):.3f}")
         return line + ("  ANOMALY" if value.get("anomaly") else "")
     if kind == "alerts":
-        return (f"{_time(value.get('ts'))}  {value.get('stream_id', key)}  {value.get('severity', 'alert').upper()}  "
+        line = (f"{_time(value.get('ts'))}  {value.get('stream_id', key)}  {value.get('severity', 'alert').upper()}  "
                 f"score {value.get('score', float('nan')):.4f} >= {value.get('threshold', float('nan'))}  "
                 f"actual {_nums(value.get('actual'))}  expected {_nums(value.get('expected'))}")
+        return line + _reason(value)
     return (f"{value.get('error', '?')}  key {value.get('key', key)}  {_source(value.get('source'))}  "
             f"{value.get('detail', '')}")
+
+
+def _reason(alert: dict[str, Any]) -> str:
+    """``  reason range_breakout (steps_outside 4.2, ...)``: which evidence fired and its numbers.
+
+    >>> _reason({"reason": "flat_line", "evidence": {"run_length": 40, "min_run": 30.0}})
+    '  reason flat_line (run_length 40, min_run 30)'
+    >>> _reason({})
+    ''
+    """
+    reason = alert.get("reason")
+    if not reason:
+        return ""
+    evidence = alert.get("evidence")
+    items = []
+    if isinstance(evidence, dict):
+        for k, v in list(evidence.items())[:5]:
+            items.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {_nums(v)}")
+    return f"  reason {reason}" + (f" ({', '.join(items)})" if items else "")
 
 
 def _style(kind: str, value: Any) -> str:
@@ -88,8 +103,13 @@ def _style(kind: str, value: Any) -> str:
 
 
 async def tail(broker_url: str, topic: str, kind: str, *, json_lines: bool = False, from_beginning: bool = False,
-               max_records: int | None = None, timeout: float | None = None, out: TextIO | None = None) -> int:
-    """Print ``topic``'s records to ``out``; returns how many were printed."""
+               max_records: int | None = None, timeout: float | None = None, out: TextIO | None = None,
+               notice: str | None = None, notice_after: float = 1.0) -> int:
+    """Print ``topic``'s records to ``out``; returns how many were printed.
+
+    ``notice`` goes to stderr if no record came within ``notice_after`` seconds (so a quiet
+    topic does not look like a hang; not at all if the broker cannot be reached).
+    """
     from worker.kafka import Record, follow
 
     out = out or sys.stdout
@@ -102,8 +122,14 @@ async def tail(broker_url: str, topic: str, kind: str, *, json_lines: bool = Fal
     if max_records == 0:
         return 0
     records: AsyncIterator[Record] = follow(broker_url, topic, from_beginning=from_beginning, timeout=timeout)
+    waiting = None
+    if notice is not None:
+        waiting = asyncio.get_running_loop().call_later(notice_after, lambda: print(notice, file=sys.stderr,
+                                                                                    flush=True))
     try:
         async for rec in records:
+            if waiting is not None:
+                waiting.cancel()
             key = rec.key.decode("utf-8", "replace") if rec.key is not None else None
             try:
                 value = orjson.loads(rec.value or b"null")
@@ -120,24 +146,28 @@ async def tail(broker_url: str, topic: str, kind: str, *, json_lines: bool = Fal
             if max_records is not None and n >= max_records:
                 break
     finally:
+        if waiting is not None:
+            waiting.cancel()
         await records.aclose()  # type: ignore[attr-defined]
     return n
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    p = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
+    p = Parser(prog=prog, description=description(__doc__))
     p.add_argument("kind", metavar="predictions|alerts|dlq", help="which output topic to print")
     p.add_argument("--json", action="store_true", help="one JSON document per line")
-    p.add_argument("--from-beginning", action="store_true", help="print the topic from its first record")
+    p.add_argument("--from-beginning", action="store_true",
+                   help="print the topic from its first record (without it: only records written from now on)")
     p.add_argument("--max", type=int, metavar="N", help="exit after N records")
     p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds")
-    p.add_argument("--broker", help="Kafka bootstrap kafka://host:port (env LSTREAM_BROKER)")
-    p.add_argument("--topic", help="read this topic name instead of the configured one")
+    setting(p, "--broker", env="LSTREAM_BROKER", default_text="kafka://localhost:9092",
+            help="Kafka bootstrap, host:port or kafka://host:port[;host:port...]")
+    setting(p, "--topic", env="LSTREAM_PREDICTIONS_TOPIC, _ALERTS_TOPIC or _DLQ_TOPIC",
+            help="read this topic instead of the configured one")
     return p
 
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from lstream.cli import CliError
     from worker.settings import from_env
 
     if args.kind not in KINDS:
@@ -149,7 +179,9 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = from_env(env, broker=args.broker)
     topic = args.topic or topic_for(args.kind, settings)
     n = asyncio.run(tail(settings.broker, topic, args.kind, json_lines=args.json, from_beginning=args.from_beginning,
-                         max_records=args.max, timeout=args.timeout))
+                         max_records=args.max, timeout=args.timeout, notice=None if args.from_beginning else
+                         f"lstream tail: waiting for new records on {topic!r} (--from-beginning prints the ones "
+                         "already there; Ctrl-C stops)"))
     if args.max is not None and n < args.max:
         within = f" within {args.timeout:g} s" if args.timeout else ""
         print(f"lstream tail: got {n} of {args.max} records from {topic!r}{within}", file=sys.stderr)

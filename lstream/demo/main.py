@@ -73,7 +73,7 @@ class Scenario:
         s = self.by_id.get(stream_id)
         if s is None:
             return None
-        i = int(round((ts - s.ts[0]) / self.period_s))
+        i = round((ts - s.ts[0]) / self.period_s)
         return i if 0 <= i < len(s.ts) and abs(s.ts[i] - ts) < 1e-3 else None
 
 

@@ -173,7 +173,7 @@ async def _session(opts: DemoOptions, settings: Settings, scenario: Scenario, ta
                    children: Children, broker: str, redis_url: str, env: Mapping[str, str],
                    app_id: str, out: Path) -> int:
     """Run the worker and the feed; return the number of events produced."""
-    from lstream.commands.produce import send_readings
+    from lstream.feeds import send_readings
     from worker.kafka import ensure_topics
 
     loop = asyncio.get_running_loop()

@@ -49,7 +49,8 @@ def test_csv_files_one_stream_each(broker_url: str, tmp_path: Path, capsys: pyte
     assert sorted(by_stream) == ["fan", "pump-1"]
     pump = sorted(by_stream["pump-1"], key=lambda x: x[1])
     assert [e["values"] for _, _, e in pump] == [[1.5], [2.5], [3.5]]
-    assert [e["event_id"] for _, _, e in pump] == ["pump-1:0", "pump-1:1", "pump-1:2"]
+    run = out.rsplit("run id ", 1)[1]
+    assert [e["event_id"] for _, _, e in pump] == [f"pump-1:{run}:0", f"pump-1:{run}:1", f"pump-1:{run}:2"]
     assert pump[0][2]["ts"] == 1704067200.0 and len({p for p, _, _ in pump}) == 1
     fan = sorted(by_stream["fan"], key=lambda x: x[1])
     assert [e["ts"] - 1704067200.0 for _, _, e in fan] == [60.0, 180.0]
@@ -58,7 +59,7 @@ def test_csv_files_one_stream_each(broker_url: str, tmp_path: Path, capsys: pyte
 def test_synthetic_single_events_match_generator(broker_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     topic = ku.unique_topic("produce-syn")
     argv = ["produce", "--synthetic", "4", "--steps", "50", "--features", "2", "--seed", "3", "--anomaly-rate", "0.02"]
-    assert main(argv, _env(broker_url, topic)) == 0
+    assert main(argv + ["--run-id", "r1"], _env(broker_url, topic)) == 0
     assert "produced 200 events from 4 streams" in capsys.readouterr().out
     records = ku.read_all(broker_url, topic, count=200, timeout=20)
     assert len(records) == 200
@@ -70,14 +71,15 @@ def test_synthetic_single_events_match_generator(broker_url: str, capsys: pytest
     assert sorted(seen) == sorted(expected)
     for sid, evs in seen.items():
         s = expected[sid]
-        assert [e["event_id"] for e in evs] == [f"{sid}:{i}" for i in range(50)]  # in order on its partition
+        assert [e["event_id"] for e in evs] == [f"{sid}:r1:{i}" for i in range(50)]  # in order on its partition
         assert [e["values"] for e in evs] == s.values.tolist()
         assert [e["ts"] for e in evs] == s.ts.tolist()
 
 
 def test_synthetic_gateway_batches(broker_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     topic = ku.unique_topic("produce-gw")
-    argv = ["produce", "--synthetic", "6", "--steps", "20", "--batch", "10", "--gateways", "2", "--count", "100"]
+    argv = ["produce", "--synthetic", "6", "--steps", "20", "--batch", "10", "--gateways", "2", "--count", "100",
+            "--run-id", "gw"]
     assert main(argv, _env(broker_url, topic)) == 0
     out = capsys.readouterr().out
     assert "produced 100 events in " in out
@@ -95,7 +97,7 @@ def test_synthetic_gateway_batches(broker_url: str, capsys: pytest.CaptureFixtur
         total += len(batch)
     assert total == 100 and len(per_stream) == 6
     for sid, ids in per_stream.items():
-        assert ids == [f"{sid}:{i}" for i in range(len(ids))]  # a stream's readings stay in order
+        assert ids == [f"{sid}:gw:{i}" for i in range(len(ids))]  # a stream's readings stay in order
     assert sum(len(r.json()) == 10 for r in records) >= len(records) - 2  # only the last per gateway is short
 
 
@@ -139,10 +141,10 @@ def test_unreachable_broker_one_line(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_events_are_contract_json() -> None:
-    from lstream.commands.produce import event_json
+    from lstream.feeds import event_json
 
-    doc = json.loads(event_json("a.b:c/d@e-1", 0, 1.25, [1.0, -2.5]))
-    assert doc == {"stream_id": "a.b:c/d@e-1", "ts": 1.25, "values": [1.0, -2.5], "event_id": "a.b:c/d@e-1:0"}
+    doc = json.loads(event_json("a.b:c/d@e-1", 0, 1.25, [1.0, -2.5], run="x1"))
+    assert doc == {"stream_id": "a.b:c/d@e-1", "ts": 1.25, "values": [1.0, -2.5], "event_id": "a.b:c/d@e-1:x1:0"}
 
 
 def test_stream_column_and_columns(broker_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -150,13 +152,55 @@ def test_stream_column_and_columns(broker_url: str, tmp_path: Path, capsys: pyte
     path = tmp_path / "site.csv"
     path.write_text("timestamp,machine,temp,load,note\n"
                     "100,m1,20.5,0.5,x\n100,m2,30.0,0.7,y\n160,m1,21.0,0.6,z\n")
-    argv = ["produce", str(path), "--stream-column", "machine", "--columns", "load,temp"]
+    argv = ["produce", str(path), "--stream-column", "machine", "--columns", "load,temp", "--run-id", "c"]
     assert main(argv, _env(broker_url, topic)) == 0
     assert "produced 3 events from 2 streams" in capsys.readouterr().out
     events = sorted((r.json() for r in ku.read_all(broker_url, topic, count=3, timeout=20)),
                     key=lambda e: e["event_id"])
     assert events == [
-        {"stream_id": "m1", "ts": 100.0, "values": [0.5, 20.5], "event_id": "m1:0"},
-        {"stream_id": "m1", "ts": 160.0, "values": [0.6, 21.0], "event_id": "m1:1"},
-        {"stream_id": "m2", "ts": 100.0, "values": [0.7, 30.0], "event_id": "m2:0"},
+        {"stream_id": "m1", "ts": 100.0, "values": [0.5, 20.5], "event_id": "m1:c:0"},
+        {"stream_id": "m1", "ts": 160.0, "values": [0.6, 21.0], "event_id": "m1:c:1"},
+        {"stream_id": "m2", "ts": 100.0, "values": [0.7, 30.0], "event_id": "m2:c:0"},
     ]
+
+
+def test_second_run_new_event_ids_and_late_warning(broker_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    topic = ku.unique_topic("produce-late")
+    argv = ["produce", "--synthetic", "3", "--steps", "5"]
+    assert main(argv, _env(broker_url, topic)) == 0
+    first = capsys.readouterr()
+    assert "warning" not in first.err  # a new topic: nothing can make these late
+    assert main(argv, _env(broker_url, topic)) == 0  # the same feed again, its own (old) timestamps
+    second = capsys.readouterr()
+    assert "newer events of 3 of these streams" in second.err and "--ts-now" in second.err, second.err
+    runs = [out.out.strip().rsplit("run id ", 1)[1] for out in (first, second)]
+    assert runs[0] != runs[1]
+    ids = [r.json()["event_id"] for r in ku.read_all(broker_url, topic, count=30, timeout=20)]
+    assert len(ids) == len(set(ids)) == 30  # no event id of the first run is reused
+    assert main(argv + ["--ts-now"], _env(broker_url, topic)) == 0  # stamped now: newer than anything sent
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_broker_without_scheme(broker_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    topic = ku.unique_topic("produce-hostport")
+    hostport = broker_url.removeprefix("kafka://")
+    assert main(["produce", "--synthetic", "1", "--steps", "2", "--broker", hostport, "--topic", topic], {}) == 0
+    assert "produced 2 events" in capsys.readouterr().out
+    assert main(["produce", "--synthetic", "1", "--steps", "2", "--topic", topic], {"LSTREAM_BROKER": hostport}) == 0
+    assert len(ku.read_all(broker_url, topic, count=4, timeout=20)) == 4
+
+
+def test_time_column(broker_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    topic = ku.unique_topic("produce-tcol")
+    path = tmp_path / "m.csv"
+    path.write_text("when,value\n2024-01-01T00:00:00Z,1\n2024-01-01T00:01:00Z,2\n")
+    env = _env(broker_url, topic)
+    assert main(["produce", str(path)], env) == 2
+    err = capsys.readouterr().err
+    for name in ("'timestamp'", "'ts'", "'time'", "'date'", "--time-column"):
+        assert name in err, err
+    assert main(["produce", str(path), "--time-column", "when"], env) == 0
+    events = [r.json() for r in ku.read_all(broker_url, topic, count=2, timeout=20)]
+    assert sorted(e["ts"] for e in events) == [1704067200.0, 1704067260.0]
+    assert main(["produce", str(path), "--time-column", "nope"], env) == 2
+    assert "no time column 'nope'" in capsys.readouterr().err

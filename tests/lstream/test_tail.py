@@ -89,3 +89,24 @@ def test_unreachable_broker_one_line(capsys: pytest.CaptureFixture[str]) -> None
     assert main(["tail", "predictions", "--max", "1", "--timeout", "5"], env) == 2
     err = capsys.readouterr().err
     assert "cannot reach the Kafka broker" in err and err.count("\n") == 1, err
+
+
+def test_says_it_waits_for_new_records(broker_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    topic = ku.unique_topic("quiet")
+    ku.create_topics(broker_url, topic, partitions=1)
+    env = {"LSTREAM_BROKER": broker_url.removeprefix("kafka://"), "LSTREAM_PREDICTIONS_TOPIC": topic}  # host:port
+    assert main(["tail", "predictions", "--timeout", "3"], env) == 0
+    err = capsys.readouterr().err
+    assert "waiting for new records" in err and "--from-beginning" in err, err
+    assert main(["tail", "predictions", "--from-beginning", "--timeout", "2"], env) == 0
+    assert "waiting" not in capsys.readouterr().err
+
+
+def test_alert_line_shows_reason_and_evidence() -> None:
+    from lstream.commands.tail import format_line
+
+    alert = {"stream_id": "pump-9", "ts": 1700000000.0, "score": 1.0, "threshold": 0.999, "severity": "critical",
+             "expected": [0.4], "actual": [3.9], "reason": "range_breakout",
+             "evidence": {"steps_outside": 4.25, "range": [0.1, 0.9]}}
+    assert format_line("alerts", alert, None).endswith(
+        "actual 3.9  expected 0.4  reason range_breakout (steps_outside 4.25, range 0.1,0.9)")

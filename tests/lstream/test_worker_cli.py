@@ -23,7 +23,7 @@ def test_every_setting_has_a_flag():
     (["--batch-size", "0"], {}, "batch size: expected at least 1, got 0"),
     (["--model", "/no/such/model"], {}, "/no/such/model: model directory not found"),
     ([], {"LSTREAM_WEB_PORT": "eighty"}, "LSTREAM_WEB_PORT: expected a number, got 'eighty'"),
-    (["--broker", "localhost:9092"], {}, "broker: expected kafka://host:port"),
+    (["--broker", "http://localhost:9092"], {}, "broker: expected kafka://host:port"),
     (["--model-policy", "maybe"], {}, "model policy: expected 'reset' or 'refuse', got 'maybe'"),
 ])
 def test_bad_settings_fail_with_one_line(argv, env, message, capsys):
