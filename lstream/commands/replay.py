@@ -29,6 +29,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="anomaly threshold (default: the model's)")
     p.add_argument("--calm-steps", type=int, default=None,
                    help="scores under the threshold that end an episode (default: the model's)")
+    p.add_argument("--explain", default=None, metavar="DIR",
+                   help="per-step gate summaries and a gates plot per stream into DIR (docs/explain.md)")
     return p
 
 
@@ -39,8 +41,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from series.csvdata import DataError, read_streams
     from worker.settings import DEFAULT_MODEL
 
-    if args.out is None and args.plot is None:
-        raise CliError("nothing to write: expected --out DIR and/or --plot PNG")
+    if args.out is None and args.plot is None and args.explain is None:
+        raise CliError("nothing to write: expected --out DIR, --plot PNG and/or --explain DIR")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise CliError(f"--threshold: expected a number in (0, 1], got {args.threshold}")
     model = load_model(args.model or env.get("LSTREAM_MODEL") or DEFAULT_MODEL)
@@ -64,7 +66,11 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         plot_replay(list(zip(streams, results)), args.plot, engine.threshold, max_streams=args.plot_streams)
     for s, r in zip(streams, results):
         print(f"{s.name}: {len(s)} readings, {int(r.anomaly.sum())} anomalous, {int(r.alert.sum())} alert(s)")
-    where = [w for w in (args.out, args.plot) if w]
+    if args.explain:
+        from evaluation.explain_replay import write_explanations
+
+        write_explanations(engine, streams, args.explain)
+    where = [w for w in (args.out, args.plot, args.explain) if w]
     print(f"model {model.version}, threshold {engine.threshold:g}; wrote {' and '.join(where)}")
     return 0
 
