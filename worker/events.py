@@ -3,8 +3,9 @@
 A message carries one event (a JSON object) or a gateway batch (a JSON array of events).
 :func:`decode_batch` turns the raw messages of one micro-batch into the accepted
 :class:`Event` s, in message order, and the :class:`Rejection` s (dead letters) with their
-contract codes. ``duplicate`` and ``late`` need the stream's state and are decided later
-(worker/pipeline.py).
+contract codes. :class:`Limits` are the sanity limits at the door (magnitudes the model can
+take, a plausible event-time window). ``duplicate``, ``late`` and the other codes that need
+the stream's state are decided later (worker/plan.py); worker/encode.py writes dead letters.
 
 >>> msgs = [RawMessage(b"pump-1", b'{"stream_id": "pump-1", "ts": 10, "values": [0.5]}', 0, 7),
 ...         RawMessage(b"pump-2", b'{"stream_id": "pump-2", "ts": 11, "value": "x"}', 0, 8),
@@ -16,17 +17,17 @@ contract codes. ``duplicate`` and ``late`` need the stream's state and are decid
 >>> [(r.code, r.detail) for r in rejected]
 [('bad_values', "expected 'value' to be a finite number, got str"), \
 ('bad_stream_id', "expected 1 to 200 characters of A-Z a-z 0-9 . _ : / @ -, got 'b c'")]
->>> dead_letter(rejected[1])["source"]
-{'topic': 'sensor-events', 'partition': 1, 'offset': 3, 'index': 1}
+>>> (rejected[1].partition, rejected[1].offset, rejected[1].index)
+(1, 3, 1)
 """
 
 from __future__ import annotations
 
-import base64
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -44,16 +45,13 @@ TOO_LARGE = "too_large"
 DUPLICATE = "duplicate"
 LATE = "late"
 MODEL_MISMATCH = "model_mismatch"  # state of another model version, policy "refuse"
+BAD_STATE = "bad_state"  # the stream's stored state cannot be read
+FAILED = "failed"  # processing failed for a reason retrying does not cure
 CODES = (BAD_JSON, BAD_SCHEMA, BAD_STREAM_ID, KEY_MISMATCH, BAD_VALUES, BAD_TS, TOO_LARGE,
-         DUPLICATE, LATE, MODEL_MISMATCH)
+         DUPLICATE, LATE, MODEL_MISMATCH, BAD_STATE, FAILED)
 
 STREAM_ID = re.compile(r"[A-Za-z0-9._:/@-]{1,200}\Z")
 MAX_EVENT_ID = 200
-# The dead letter of a too-large message keeps only its head, so the dead letter itself
-# stays well under the broker's message size limit; any other raw text is cut at RAW_MAX
-# (a dead letter the broker refuses would stall the worker, which retries until it is sent).
-RAW_KEEP = 4096
-RAW_MAX = 256 * 1024
 # RFC 3339 date-time: full date, 'T' (or space), time, optional fraction, 'Z' or an offset.
 RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})\Z")
@@ -108,7 +106,68 @@ class Rejection:
     raw: bytes | None  # the original bytes (for a batch element: that element as JSON)
     index: int | None = None
     stream_id: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# A reading is accepted only if, scaled by the model's global normalisation, it stays under
+# MAX_SCALED standard deviations: then no float32 the kernels compute from it (the scaled
+# value, its square in the detector) can overflow.
+MAX_SCALED = 1e15
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sanity limits at the door: ``max_abs`` (F,) the largest |reading| per feature; ``ts``
+    from ``ts_min`` (1970) to ``max_skew`` seconds past ``clock()`` (the worker's clock)."""
+
+    max_abs: np.ndarray
+    max_skew: float = 86400.0
+    ts_min: float = 0.0
+    clock: Callable[[], float] = time.time
+
+    @classmethod
+    def for_model(cls, norm: dict[str, Any], num_features: int, *, max_value: float = 1e30,
+                  max_skew: float = 86400.0, clock: Callable[[], float] = time.time) -> Limits:
+        """``max_value`` for every feature, tighter where a global normalisation would scale a
+        reading past :data:`MAX_SCALED`.
+
+        >>> Limits.for_model({"mode": "global", "mean": [5.0], "std": [2.0]}, 1).max_abs.tolist()
+        [2000000000000005.0]
+        >>> Limits.for_model({"mode": "stream"}, 2, max_value=1e9).max_abs.tolist()
+        [1000000000.0, 1000000000.0]
+        """
+        lim = np.full(num_features, float(max_value))
+        if norm.get("mode") == "global":
+            mean = np.abs(np.asarray(norm["mean"], np.float64))
+            std = np.asarray(norm["std"], np.float64)
+            lim = np.minimum(lim, mean + MAX_SCALED * std)
+        return cls(lim, max_skew, 0.0, clock)
+
+    def check(self, events: list[Event], topic: str, rejected: list[Rejection]) -> list[Event]:
+        """The events within the limits; the others are appended to ``rejected``."""
+        if not events:
+            return events
+        vals = np.array([e.values for e in events])
+        ts = np.array([e.ts for e in events])
+        latest = self.clock() + self.max_skew
+        bad_v = (np.abs(vals) > self.max_abs).any(axis=1)
+        bad_t = (ts < self.ts_min) | (ts > latest)
+        if not (bad_v.any() or bad_t.any()):
+            return events
+        keep = []
+        for e, bv, bt in zip(events, bad_v.tolist(), bad_t.tolist()):
+            if bv:
+                j = int(np.flatnonzero(np.abs(e.values) > self.max_abs)[0])
+                code, detail = BAD_VALUES, (f"expected readings of magnitude at most {self.max_abs[j]:.3g} (what the "
+                                            f"model can take), got {e.values[j]!r} at position {j}")
+            elif bt:
+                code, detail = BAD_TS, (f"expected 'ts' from {self.ts_min:.0f} (1970) to {latest:.0f} (the worker's "
+                                        f"clock plus {self.max_skew:g} s), got {e.ts!r}")
+            else:
+                keep.append(e)
+                continue
+            rejected.append(Rejection(code, detail, topic, e.partition, e.offset, e.key, e.raw_bytes(), e.index,
+                                      e.stream_id))
+        return keep
 
 
 class Invalid(Exception):
@@ -138,7 +197,7 @@ def parse_ts(v: Any) -> float:
     Traceback (most recent call last):
     ...
     worker.events.Invalid: expected 'ts' as seconds since the epoch or an RFC 3339 time with a zone, got '2024-11-26T19:40:00'
-    """
+    """  # noqa: E501
     if _is_number(v):
         ts = float(v)
         if not math.isfinite(ts):
@@ -231,14 +290,14 @@ def check_event(obj: Any, num_features: int, key: str | None) -> tuple[str, floa
     return sid, ts, values, eid
 
 
-def decode_batch(messages: Iterable[RawMessage], topic: str, num_features: int,
-                 max_bytes: int = 1_000_000) -> tuple[list[Event], list[Rejection]]:
+def decode_batch(messages: Iterable[RawMessage], topic: str, num_features: int, max_bytes: int = 1_000_000,
+                 limits: Limits | None = None) -> tuple[list[Event], list[Rejection]]:
     """Accepted events (message order; a gateway batch in array order) and rejections."""
     events: list[Event] = []
     rejected: list[Rejection] = []
     for m in messages:
         def reject(code: str, detail: str, raw: bytes | None = m.value, index: int | None = None,
-                   sid: str | None = None) -> None:
+                   sid: str | None = None, m: RawMessage = m) -> None:
             rejected.append(Rejection(code, detail, topic, m.partition, m.offset, m.key, raw, index, sid))
 
         value = m.value
@@ -273,16 +332,17 @@ def decode_batch(messages: Iterable[RawMessage], topic: str, num_features: int,
             # Fast path for well-formed elements (the same checks as check_event, inline, and
             # one array for all readings); anything it does not accept goes through
             # check_event, which says what is wrong.
-            good: list[tuple[int, Any, str, float, list[Any], Any]] = []
+            good: list[tuple[int, Any, str, float, Any, Any]] = []
             for i, item in enumerate(doc):
                 if type(item) is dict and "value" not in item:
-                    sid, ts, vals, eid = item.get("stream_id"), item.get("ts"), item.get("values"), item.get("event_id")
-                    if (type(sid) is str and (sid in _GOOD_IDS or _good_id(sid))
-                            and ((type(ts) is float and _isfinite(ts)) or type(ts) is int)
+                    g_sid, g_ts, vals = item.get("stream_id"), item.get("ts"), item.get("values")
+                    g_eid = item.get("event_id")
+                    if (type(g_sid) is str and (g_sid in _GOOD_IDS or _good_id(g_sid))
+                            and ((type(g_ts) is float and _isfinite(g_ts)) or type(g_ts) is int)
                             and type(vals) is list and len(vals) == num_features
                             and all((type(v) is float and _isfinite(v)) or type(v) is int for v in vals)
-                            and (eid is None or (type(eid) is str and 0 < len(eid) <= MAX_EVENT_ID))):
-                        good.append((i, item, sid, float(ts), vals, eid))
+                            and (g_eid is None or (type(g_eid) is str and 0 < len(g_eid) <= MAX_EVENT_ID))):
+                        good.append((i, item, g_sid, float(g_ts), vals, g_eid))
                         continue
                 try:
                     sid, ts, values, eid = check_event(item, num_features, None)
@@ -293,11 +353,13 @@ def decode_batch(messages: Iterable[RawMessage], topic: str, num_features: int,
             if not good:
                 continue
             rows = np.array([g[4] for g in good], dtype=np.float64).reshape(len(good), num_features)
-            part, off, key = m.partition, m.offset, m.key
+            part, off, mkey = m.partition, m.offset, m.key
             for (i, item, sid, ts, _, eid), values in zip(good, rows):
-                events.append(Event(sid, ts, values, eid, part, off, i, key, None, item))
+                events.append(Event(sid, ts, values, eid, part, off, i, mkey, None, item))
         else:
             reject(BAD_SCHEMA, f"expected an event object or an array of events, got {_type_name(doc)}")
+    if limits is not None:
+        events = limits.check(events, topic, rejected)
     return events, rejected
 
 
@@ -317,47 +379,3 @@ def _good_id(sid: str) -> bool:
 def _stream_id_or_none(obj: Any) -> str | None:
     sid = obj.get("stream_id") if isinstance(obj, dict) else None
     return sid if isinstance(sid, str) and STREAM_ID.match(sid) else None
-
-
-def _text_or_b64(raw: bytes) -> tuple[str, bool]:
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return base64.b64encode(raw).decode("ascii"), True
-
-
-def dead_letter(r: Rejection) -> dict[str, Any]:
-    """The dead-letter JSON of a rejection (contract shape).
-
-    >>> r = Rejection("bad_json", "expected JSON", "t", 0, 5, b"k", b"\\xff\\x00")
-    >>> dead_letter(r)
-    {'error': 'bad_json', 'detail': 'expected JSON', 'source': {'topic': 't', 'partition': 0, 'offset': 5}, \
-'key': 'k', 'raw': '/wA=', 'raw_b64': True}
-    """
-    source: dict[str, Any] = {"topic": r.topic, "partition": r.partition, "offset": r.offset}
-    if r.index is not None:
-        source["index"] = r.index
-    doc: dict[str, Any] = {"error": r.code, "detail": r.detail, "source": source}
-    if r.key is None:
-        doc["key"] = None
-    else:
-        key, key_b64 = _text_or_b64(r.key)
-        doc["key"] = key
-        if key_b64:
-            doc["key_b64"] = True
-    if r.stream_id is not None and r.stream_id != doc["key"]:
-        doc["stream_id"] = r.stream_id
-    raw = r.raw
-    if raw is None:
-        doc["raw"] = None
-    else:
-        keep = RAW_KEEP if r.code == TOO_LARGE else RAW_MAX
-        if len(raw) > keep:
-            raw = raw[:keep]
-            doc["raw_truncated"] = True
-        text, b64 = _text_or_b64(raw)
-        doc["raw"] = text
-        if b64:
-            doc["raw_b64"] = True
-    doc.update(r.extra)
-    return doc

@@ -11,7 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import events as ev
-from worker.events import RawMessage, dead_letter, decode_batch, parse_ts
+from worker.encode import RAW_KEEP
+from worker.encode import dead_letter_doc as dead_letter
+from worker.events import RawMessage, decode_batch, parse_ts
 
 
 def one(value: bytes | None, key: bytes | None = b"s1", f: int = 1, max_bytes: int = 1_000_000):
@@ -93,10 +95,10 @@ def test_two_features_reject_the_value_shortcut():
 
 def test_too_large_is_checked_before_parsing_and_truncated_in_the_dead_letter():
     big = j(stream_id="s1", ts=1, values=[1], pad="x" * 10_000)
-    events, (r,) = one(big, max_bytes=5000)
+    _, (r,) = one(big, max_bytes=5000)
     assert r.code == "too_large" and r.detail == f"expected at most 5000 bytes, got {len(big)}"
     d = dead_letter(r)
-    assert d["raw_truncated"] is True and len(d["raw"]) == ev.RAW_KEEP and big.decode().startswith(d["raw"])
+    assert d["raw_truncated"] is True and len(d["raw"]) == RAW_KEEP and big.decode().startswith(d["raw"])
 
 
 def test_details_say_expected_and_got():

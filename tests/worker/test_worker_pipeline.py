@@ -1,4 +1,4 @@
-"""worker/pipeline.py against a real redis-server: batches in, outputs and fenced state out."""
+"""The batch pipeline (worker/pipeline.py and its stages) against a real redis-server."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from kernels.engine import Engine
 from series.csvdata import Series
 from state.store import StateStore
 from tests.workerutil import Collect, event, series_data, small_model, spike_series
+from worker.encode import Topics
 from worker.events import RawMessage
-from worker.pipeline import Pipeline, Topics
+from worker.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +121,9 @@ def test_duplicates_late_and_bad_messages(model, redis_url):
         pipe, store, sink = await _pipeline(model, redis_url)
         res = await pipe.process(msgs)
         # The next batch repeats the last applied event_id in a new message: a duplicate.
-        res2 = await pipe.process([RawMessage(b"pump-1", event(sid, 2e9, [4.0]), 0, 6),
-                                   RawMessage(b"pump-1", event(sid, 2e9 + 1, [5.0], event_id="z"), 0, 7),
-                                   RawMessage(b"pump-1", event(sid, 2e9 + 2, [5.0], event_id="z"), 0, 8)])
+        res2 = await pipe.process([RawMessage(b"pump-1", event(sid, 1.75e9, [4.0]), 0, 6),
+                                   RawMessage(b"pump-1", event(sid, 1.75e9 + 1, [5.0], event_id="z"), 0, 7),
+                                   RawMessage(b"pump-1", event(sid, 1.7e9 + 2, [5.0], event_id="z"), 0, 8)])
         rec = await store.get(sid)
         await store.close()
         return res, res2, sink, rec
@@ -167,7 +168,7 @@ def test_model_refuse_policy_dead_letters_instead_of_reusing(model, redis_url, t
         return r1, r2, refuse, reset, rec
 
     r1, r2, refuse, reset, rec = asyncio.run(run())
-    assert r1.rejected == {"model_mismatch": 1} and r1.applied == 0
+    assert r1.rejected == {"model_mismatch": 1} and r1.applied == 0 and refuse.on("predictions") == []
     assert r2.applied == 1 and reset.on("predictions")[0]["step"] == 1
     assert rec["model"] == model.version and rec["steps"] == 1
 
