@@ -45,8 +45,9 @@ async def explain_stored(store: Any, engine: Any, stream_id: str, next_value: An
         raise StateError(f"stream {stream_id!r}: its state belongs to model {rec.get('model')}, the loaded model is "
                          f"{model.version}: explain it with that model (--model DIR)")
     loaded = await store.load([stream_id])
-    if not loaded.found[0] or loaded.reset[0]:
-        raise StateError(f"stream {stream_id!r}: its state changed while it was read; try again")
+    if loaded.fresh[0]:
+        why = (getattr(loaded, "unreadable", None) or [None])[0] or "it changed while it was read; try again"
+        raise StateError(f"stream {stream_id!r}: its state cannot be explained: {why}")
     # No event time for the hypothetical reading: the gates do not depend on it (the LSTM reads
     # no time features); a per-stream adaptation then mixes without its time-of-day experts.
     doc = explain_step(engine, loaded.states, next_value)

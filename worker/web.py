@@ -96,6 +96,9 @@ async def explain_doc(runtime: Any, stream_id: str, next_values: list[str]) -> t
             return 409, {"error": "model_mismatch", "detail": f"stream {stream_id!r}: its state belongs to model "
                          f"{rec.get('model')}, the worker runs {runtime.model.version}"}
         loaded = await runtime.store.load([stream_id])
+        if loaded.fresh[0]:
+            why = (getattr(loaded, "unreadable", None) or [None])[0] or "it changed while it was read; try again"
+            return 503, {"error": "state_unavailable", "detail": f"stream {stream_id!r}: {why}"}
     except StateNotFound as exc:
         return 404, {"error": "not_found", "detail": str(exc)}
     except StateError as exc:

@@ -15,6 +15,7 @@ import pytest
 from kernels import load_model
 from kernels.engine import Engine
 from kernels.explain import Recorder, gates, recording
+from kernels.states import Positions
 from lstream.cli import main
 from state.store import StateStore
 from tests.workerutil import small_model
@@ -40,8 +41,8 @@ def seed(url: str, model_dir: str, sid: str, values: np.ndarray) -> Any:
         store = await StateStore.connect(url, model_version=model.version, num_layers=L, hidden_size=H,
                                          input_size=model.input_size)
         try:
-            await store.save([sid], st, np.zeros(1, np.int64), np.array([len(values)]), np.zeros(1, np.int64),
-                             np.array([1.7e9]), [None])
+            await store.save([sid], st, Positions.build(np.zeros(1, np.int64), np.array([len(values)]),
+                                                        np.zeros(1, np.int64), np.array([1.7e9]), [None]))
         finally:
             await store.close()
 
