@@ -12,9 +12,8 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import fields
-from typing import Any
 
-from worker.settings import ENV, Settings
+from worker.settings import ENV, TYPES, Settings
 
 HELP = {
     "broker": "Kafka bootstrap, kafka://host:port[;host:port...]",
@@ -29,14 +28,18 @@ HELP = {
     "app_id": "Faust app id (the consumer group)",
     "batch_size": "most messages per micro-batch",
     "batch_wait": "seconds to wait for a micro-batch to fill",
+    "fetch_wait": "seconds the broker may hold a fetch that finds no new records (the latency floor)",
+    "redis_timeout": "seconds one Redis round trip may take; longer counts as an outage (retried, /healthz 503)",
+    "broker_timeout": "seconds one delivery of outputs may take; longer counts as an outage (retried)",
     "session_timeout": "consumer group session timeout, seconds",
     "state_ttl": "seconds an idle stream's state is kept (0: forever)",
-    "model_policy": "a stored state of another model version: reset (start fresh) or refuse (dead-letter)",
+    "model_policy": "one of reset, refuse: a stored state of another model version starts fresh (reset) "
+                    "or is dead-lettered (refuse)",
     "partitions": "partitions of the topics the worker creates",
     "threshold": "anomaly score threshold (default: the model's)",
     "calm_steps": "steps under the threshold that end an episode (default: the model's)",
     "max_message_bytes": "larger input messages are dead-lettered as too_large",
-    "log_level": "debug | info | warning | error",
+    "log_level": "one of debug, info, warning, error (Faust's own start-up lines only with debug)",
     "data_dir": "Faust's local data directory (default: a temporary one)",
 }
 
@@ -48,21 +51,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
-def _type(f: Any) -> Any:
-    t = str(f.type)
-    if "int" in t and "float" not in t:
-        return int
-    if "float" in t:
-        return float
-    return str
-
-
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Run the streaming worker: events in, predictions and alerts out, "
                                              "state in Redis.")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, type=_type(f), default=None,
+        p.add_argument(flag, dest=f.name, type=TYPES[f.name], default=None,
                        help=f"{HELP.get(f.name, f.name)} (${ENV[f.name]}; default {f.default!r})")
     return p
 
@@ -77,11 +71,27 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
         raise CliError(f"log level: expected debug, info, warning or error, got {settings.log_level!r}")
 
-    import faust
+    from worker.health import EarlyHealth
 
-    from worker.app import create_app
+    # /healthz answers (503, waiting for the model) while Faust loads and the kernels compile;
+    # a taken port is found here, before anything else is done.
+    try:
+        early = EarlyHealth(settings.web_host, settings.web_port)
+    except OSError as exc:
+        from lstream.cli import CliError
 
-    app = create_app(settings)  # loads the model: a bad artifact fails here with one line
+        raise CliError(f"cannot listen on {settings.web_host}:{settings.web_port}: {exc.strerror} (another "
+                       "process has the port: choose another with --web-port / LSTREAM_WEB_PORT)") from None
+    try:
+        import faust
+
+        from worker.app import create_app
+
+        app = create_app(settings)  # loads the model: a bad artifact fails here with one line
+    except BaseException:
+        early.stop()
+        raise
+    app.lstream.early_health = early
     worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
     logging.getLogger("lstream").setLevel(level)
     try:
