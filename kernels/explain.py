@@ -319,6 +319,14 @@ def explain_step(engine: Any, states: Any, next_value: Any = None, ts: float | N
     return doc
 
 
+COLLAPSE_MIN = 2.0  # steps: shorter horizons are noise, whatever their ratio
+
+
+def _units(rows: list[dict[str, Any]]) -> str:
+    return ", ".join(f"L{u['layer']}/{u['unit']} ({_fmt(u['horizon_at_forecast'])} -> {_fmt(u['horizon_given'])})"
+                     for u in rows) or "none"
+
+
 def _compare(base: dict[str, Any], given: dict[str, Any], long: float, top: int) -> dict[str, Any]:
     """What changes between V = forecast (``base``) and the V given."""
     b, g = base["step"], given["step"]
@@ -331,16 +339,27 @@ def _compare(base: dict[str, Any], given: dict[str, Any], long: float, top: int)
               "horizon_at_forecast": _js(horizon(b.f[0]).flat[k]), "horizon_given": _js(horizon(g.f[0]).flat[k])}
              for k in flat]
     hz_b, hz_g = horizon(b.f[0]), horizon(g.f[0])
-    collapsed = int(np.sum((hz_b >= long) & (hz_g < long)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(hz_b > 0, hz_g / hz_b, 1.0)
+
+    def pick(mask: np.ndarray, key: np.ndarray) -> list[dict[str, Any]]:
+        idx = [k for k in np.argsort(key, axis=None, kind="stable") if mask.flat[k]][:5]
+        return [{"layer": int(k // hid), "unit": int(k % hid), "horizon_at_forecast": _js(hz_b.flat[k]),
+                 "horizon_given": _js(hz_g.flat[k])} for k in idx]
+
+    # A unit "collapses" when its horizon (at least COLLAPSE_MIN steps) falls by half or more on
+    # the given reading: it lets go of what it held; it "latches" when its horizon doubles.
+    collapsed = pick((hz_b >= COLLAPSE_MIN) & (ratio <= 0.5), ratio)
+    latched = pick((hz_g >= COLLAPSE_MIN) & (ratio >= 2.0), -ratio)
     layers = [{"layer": layer, "median_horizon_at_forecast": _js(np.median(hz_b[layer])),
                "median_horizon_given": _js(np.median(hz_g[layer]))} for layer in range(len(hz_b))]
     fc = given["forecast"] - base["forecast"]
     line = (f"vs the forecast as next reading: forecast {_fmt(_js(fc))} ({_fmt(_js(base['forecast']))} -> "
             f"{_fmt(_js(given['forecast']))}), score {base['score']:.3f} -> {given['score']:.3f}; "
-            f"{collapsed} long-memory unit(s) forget; cells moved most: "
+            f"horizons collapse: {_units(collapsed)}; latch: {_units(latched)}; cells moved most: "
             + ", ".join(f"L{u['layer']}/{u['unit']} ({u['c_change']:+.3g})" for u in units))
     return {"forecast_at_forecast": _js(base["forecast"]), "forecast_given": _js(given["forecast"]),
             "forecast_change": _js(fc), "score_at_forecast": base["score"], "score_given": given["score"],
             "anomaly_at_forecast": base["anomaly"], "anomaly_given": given["anomaly"],
-            "horizons_collapsed": collapsed, "layers": layers, "units": units,
+            "collapsed": collapsed, "latched": latched, "layers": layers, "units": units,
             "f_change": _js(df), "c_change": _js(dc), "line": line}
