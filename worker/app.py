@@ -5,16 +5,23 @@ and values) that takes micro-batches with ``stream.noack_take(batch_size, batch_
 hands each to :meth:`worker.pipeline.Pipeline.submit`, which computes it while the previous
 batch is still being delivered and saved; a batch's messages are acknowledged (so Faust may
 commit their offsets) only after its own outputs are delivered and its states saved. Every
-rebalance drops the states the pipeline holds in memory (see worker/pipeline.py). The web server (Faust's) serves ``/streams/{id}``, ``/healthz`` and
-``/metrics`` (worker/web.py).
+rebalance drops the states the pipeline holds in memory (see worker/pipeline.py). The web
+server (Faust's) serves ``/streams/{id}``, ``/healthz`` and ``/metrics`` (worker/web.py).
 
 Why ``noack_take`` and manual acks rather than ``take``: ``take`` acknowledges a batch in a
 ``finally`` clause, also when the agent is cancelled or fails half way through it, which
 would let Faust commit offsets of events whose state was never saved.
 
-Startup (before the consumer joins its group): create the topics that are missing, connect
-to Redis and warm the kernels; both services are waited for with backoff, so the worker
-can start before them.
+Startup: the HTTP server answers first (503 with ``{"waiting_for": ...}`` until the worker
+consumes); then, before the consumer joins its group, the worker creates the topics that are
+missing and connects to Redis, waiting for each with backoff (an unreachable service is an
+outage, shown on ``/healthz``), and warms the kernels. Errors that retrying cannot cure (a
+taken web port, a wrong Redis password; a bad model fails earlier, in the command line) end
+the process with one line on stderr and exit code 2 (worker/health.py).
+
+Latency: the consumer's fetch wait (``fetch_wait``, worker/transport.py), the micro-batch
+wait (``batch_wait``) and the output producer (no linger) set the floor; see
+docs/operations-latency.md.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import tempfile
 import time
 from typing import Any
 
+from worker.health import Startup, TimedStore, fatal, port_taken
 from worker.settings import Settings, broker_hosts
 
 log = logging.getLogger("lstream.worker")
@@ -70,45 +78,12 @@ def quiet_client_logs(window: float = 60.0) -> None:
             logger.addFilter(RepeatFilter(window))
 
 
-def limit_blas_threads(n: int = 1) -> bool:
-    """Run numpy's OpenBLAS on ``n`` threads; False if its library or setter is not found.
-
-    The kernels' batch matmuls are small (a few hundred streams x 64 x 128); OpenBLAS splits
-    them over every core, and with the broker, Redis and Faust's consumer thread on the same
-    cores its threads wait for each other: measured on a busy 2-core machine, 47 us per stream
-    step at 170 streams with the default threads against 0.9 us with one. Called when the
-    worker starts (environment variables cannot do it: numpy is loaded before the CLI runs).
-
-    >>> isinstance(limit_blas_threads(1), bool)
-    True
-    """
-    import ctypes
-    import glob
-    import os
-
-    import numpy
-
-    libs = os.path.join(os.path.dirname(numpy.__file__), os.pardir, "numpy.libs")
-    names = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-             "openblas_set_num_threads")
-    for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in names:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(n))
-                return True
-    return False
-
-
 class Runtime:
     """Everything the agent and the web views share: model, engine, store, pipeline, metrics."""
 
     def __init__(self, settings: Settings, model: Any = None) -> None:
         from kernels import load_model
+        from kernels.blas import limit_blas_threads
         from kernels.engine import Engine
         from worker.metrics import WorkerMetrics
         from worker.pipeline import Outage, Topics
@@ -117,11 +92,13 @@ class Runtime:
         self.model = model if model is not None else load_model(settings.model)
         self.engine = Engine(self.model, threshold=settings.threshold, calm_steps=settings.calm_steps)
         self.metrics = WorkerMetrics()
-        self.metrics.lag.fn = self.lag
+        self.metrics.set_model(self.model)
         self.topics = Topics(settings.input_topic, settings.predictions_topic, settings.alerts_topic,
                              settings.dlq_topic)
         self.redis_outage = Outage("redis", self.metrics)
         self.broker_outage = Outage("broker", self.metrics)
+        self.startup = Startup(self.metrics, cleanup=self.cleanup)
+        self.early_health: Any = None  # worker.health.EarlyHealth, handed over by the command line
         self.store: Any = None
         self.sender: Any = None
         self.temp_dir: str | None = None
@@ -130,70 +107,216 @@ class Runtime:
         self.started_at = time.time()
         self.ready = False
         self.stopping = False
+        self.emitted_at = 0.0  # wall clock when the last outputs were acknowledged by the broker
+        self.last_event_ts: dict[int, float] = {}  # input partition -> newest event time emitted
+        self._active: tuple[set[bytes], set[bytes], float] = (set(), set(), time.monotonic())
+        self._register_scrape()
         if not limit_blas_threads(1):
-            log.info("could not limit OpenBLAS to one thread; set OPENBLAS_NUM_THREADS=1 if the kernel is slow")
+            log.info("could not limit BLAS to one thread; set OPENBLAS_NUM_THREADS=1 if the kernel is slow")
         # Run the whole per-event pipeline once so the first real batch pays no JIT cost.
         import numpy as np
 
         self.engine.advance(self.engine.new_states(2), np.zeros((2, self.model.input_size)))
+
+    # ------------------------------------------------------------ start-up
+
+    async def start_web(self) -> None:
+        """Start Faust's web server now, before any service is reached, so ``/healthz`` answers
+        from the first second; a taken port ends the process (one line, exit code 2)."""
+        self.startup.step("web server")
+        if self.early_health is not None:  # the command line's stand-in until now
+            self.early_health.stop()
+            self.early_health = None
+        try:
+            await self.app.web.start()
+        except OSError as exc:
+            if port_taken(exc):
+                self.fail(f"cannot listen on {self.settings.web_host}:{self.settings.web_port}: {exc.strerror} "
+                          "(another process has the port: choose another with --web-port / LSTREAM_WEB_PORT)")
+            raise
+
+    def fail(self, message: str) -> None:
+        fatal(message, cleanup=self.cleanup)
 
     async def prepare(self) -> None:
         """Create missing topics and connect to Redis, waiting for each with backoff."""
         from state.store import StateStore
         from worker.emit import BatchSender
         from worker.kafka import ensure_topics
-        from worker.pipeline import Pipeline, broker_retryable, redis_retryable
+        from worker.pipeline import Pipeline
 
         s = self.settings
         topics = [s.input_topic, s.predictions_topic, s.alerts_topic, s.dlq_topic]
-        await self.broker_outage.run(lambda: ensure_topics(s.broker, topics, s.partitions), broker_retryable)
-        self.sender = await self.broker_outage.run(lambda: BatchSender.start(s.broker), broker_retryable)
+        run = self.startup.run
+        await run("broker", "broker", lambda: ensure_topics(s.broker, topics, s.partitions))
+        self.sender = await run("broker", "broker", lambda: BatchSender.start(s.broker))
         m = self.model
-        self.store = await self.redis_outage.run(
-            lambda: StateStore.connect(s.redis_url, model_version=m.version, num_layers=m.num_layers,
-                                       hidden_size=m.hidden_size, input_size=m.input_size, ttl=s.state_ttl,
-                                       policy="reset", retries=3),
-            redis_retryable)
-        store = self.store
-        self.metrics.state_resets.fn = lambda: {("model",): float(store.resets),
-                                                ("detector",): float(store.detector_resets)}
+        store = await run("redis", "redis", lambda: StateStore.connect(
+            s.redis_url, model_version=m.version, num_layers=m.num_layers, hidden_size=m.hidden_size,
+            input_size=m.input_size, ttl=s.state_ttl, policy="reset", retries=0, timeout=s.redis_timeout))
+        self.store = TimedStore(store, s.redis_timeout, self.metrics)
         self.pipeline = Pipeline(self.engine, self.store, self.emit, topics=self.topics, metrics=self.metrics,
                                  max_bytes=s.max_message_bytes, policy=s.model_policy,
                                  redis_outage=self.redis_outage, broker_outage=self.broker_outage)
         self.ready = True
+        self.startup.step("partition assignment")
         log.info("lstream worker ready: model %s (%d feature(s), %d x %d LSTM), input %r, redis %s",
-                 m.version, m.input_size, m.num_layers, m.hidden_size, s.input_topic, self.store.url)
+                 m.version, m.input_size, m.num_layers, m.hidden_size, s.input_topic, store.url)
+
+    # ------------------------------------------------------------ outputs
 
     async def emit(self, records: list[tuple[str, bytes | None, bytes]]) -> None:
         """Send all records, one record batch per (topic, partition), and wait until the broker
-        has acknowledged every one (see :class:`worker.emit.BatchSender`)."""
+        has acknowledged every one (see :class:`worker.emit.BatchSender`); longer than
+        ``broker_timeout`` raises TimeoutError (an outage: retried, nothing acknowledged)."""
         if self.sender is None:
             from worker.emit import BatchSender
 
             self.sender = await BatchSender.start(self.settings.broker)
-        await self.sender.send(records)
+        # shield: a send that outlives its deadline still completes (a retry repeats it: outputs
+        # are at least once) rather than being cut in the middle of a record batch.
+        await asyncio.wait_for(asyncio.shield(self.sender.send(records)), self.settings.broker_timeout)
+        self.emitted_at = now = time.time()
+        self._observe_outputs(records, now)
 
-    async def handle(self, messages: list[Any]) -> None:
-        """Process one batch to the end (delivered and saved); errors are retried, never skipped."""
-        await self.pipeline.submit(messages)
-        await self.pipeline.flush()
+    def _observe_outputs(self, records: list[tuple[str, bytes | None, bytes]], now: float) -> None:
+        """Event time -> emit latency per output, newest event time per partition, alerts by
+        severity and reason, active streams: read from the records just delivered (their
+        positions in the prediction JSON are fixed by worker/pipeline.py's template)."""
+        import orjson
+
+        t = self.topics
+        pred_ts: list[float] = []
+        latest = self.last_event_ts
+        keys: list[bytes] = []
+        for topic, key, value in records:
+            if topic == t.predictions:
+                i = value.find(b'"ts":')
+                j = value.find(b',', i)
+                k = value.find(b'"partition":', j)
+                if i < 0 or k < 0:
+                    continue
+                ts = float(value[i + 5:j])
+                part = int(value[k + 12:value.find(b',', k)])
+                pred_ts.append(ts)
+                if ts > latest.get(part, -1e300):
+                    latest[part] = ts
+                if key is not None:
+                    keys.append(key)
+            elif topic == t.alerts:
+                doc = orjson.loads(value)
+                self.metrics.alert_reasons.inc(severity=str(doc.get("severity", "unknown")),
+                                               reason=str(doc.get("reason") or "unknown"))
+                ts_a = doc.get("ts")
+                if isinstance(ts_a, (int, float)):
+                    self.metrics.e2e.observe_many([now - ts_a], path="event", kind="alert")
+        if pred_ts:
+            import numpy as np
+
+            self.metrics.e2e.observe_many(now - np.asarray(pred_ts), path="event", kind="prediction")
+        self._count_active(keys)
+
+    def _count_active(self, keys: list[bytes]) -> None:
+        """Streams with a prediction in the current or the previous minute (at most ACTIVE_CAP
+        of each, so memory stays bounded with a million streams)."""
+        cur, prev, since = self._active
+        if time.monotonic() - since >= ACTIVE_WINDOW:
+            cur, prev, since = set(), cur, time.monotonic()
+            self._active = (cur, prev, since)
+        if len(cur) < ACTIVE_CAP:
+            cur.update(keys)
+
+    def observe_batch(self, received_at: float, record_ts: list[float]) -> None:
+        """A batch is finished: consume -> emit for each of its messages, from when the worker
+        received the batch and from each record's Kafka timestamp (when it was produced)."""
+        import numpy as np
+
+        emitted = self.emitted_at if self.emitted_at >= received_at else time.time()
+        n = len(record_ts)
+        m = self.metrics
+        m.e2e.observe_many(np.full(n, emitted - received_at), path="consume", kind="message")
+        ts = np.asarray(record_ts)
+        ts = ts[ts > 0]
+        if ts.size:
+            m.e2e.observe_many(emitted - ts, path="record", kind="message")
+
+    # ------------------------------------------------------------ scrape-time metrics
+
+    def _register_scrape(self) -> None:
+        sc = self.metrics.scrape
+        tp = ("topic", "partition")
+        sc.add("gauge", "lstream_consumer_lag_records", "Records behind the partition's high watermark (as "
+               "the broker reports it), per assigned input partition.", tp, self.lag)
+        sc.add("gauge", "lstream_last_event_age_seconds", "Wall clock minus the event time of the newest event "
+               "emitted, per input partition (event-time lag; needs sensor clocks near the worker's).", tp,
+               self.event_age)
+        sc.add("gauge", "lstream_assigned_partitions", "Partitions of each topic assigned to this worker.",
+               ("topic",), self.assigned)
+        sc.add("gauge", "lstream_streams_held", "Stream states held in the worker's memory (state cache).", (),
+               self.held)
+        sc.add("gauge", "lstream_streams_active", f"Streams with a prediction in the last {ACTIVE_WINDOW:.0f}-"
+               f"{2 * ACTIVE_WINDOW:.0f} s (at most {ACTIVE_CAP} counted per window).", (), self.active)
+        sc.add("counter", "lstream_state_resets", "Stored states found unusable since start: kind=model (another "
+               "model version) or detector (another detector layout: its statistics restart).", ("kind",),
+               self.resets)
+        sc.add("gauge", "lstream_starting", "1 while the worker waits for a start-up step (waiting_for), else 0.",
+               ("waiting_for",), self.starting)
+
+    def _assignment(self) -> list[Any]:
+        app = self.app
+        if app is None or not self.ready:
+            return []
+        return list(app.consumer.assignment())
 
     def lag(self) -> dict[tuple[str, ...], float]:
         """Per assigned input partition: high watermark minus the next offset to process."""
         out: dict[tuple[str, ...], float] = {}
-        app = self.app
-        if app is None or self.pipeline is None:
+        if self.pipeline is None:
             return out
-        consumer = app.consumer
-        for tp in consumer.assignment():
+        consumer = self.app.consumer
+        for tp in self._assignment():
             if tp.topic != self.settings.input_topic:
                 continue
             hw = consumer.highwater(tp)
             if hw is None:
                 continue
             done = self.pipeline.positions.get(tp.partition)
-            out[(str(tp.partition),)] = float(max(0, hw - (done + 1 if done is not None else 0)))
+            out[(tp.topic, str(tp.partition))] = float(max(0, hw - (done + 1 if done is not None else 0)))
         return out
+
+    def event_age(self) -> dict[tuple[str, ...], float]:
+        now = time.time()
+        topic = self.settings.input_topic
+        return {(topic, str(p)): max(0.0, now - ts) for p, ts in sorted(self.last_event_ts.items())}
+
+    def assigned(self) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {(self.settings.input_topic,): 0.0}
+        for tp in self._assignment():
+            out[(tp.topic,)] = out.get((tp.topic,), 0.0) + 1
+        return out
+
+    def held(self) -> dict[tuple[str, ...], float]:
+        cache = getattr(self.pipeline, "cache", None)
+        return {(): float(len(cache) if cache is not None else 0)}
+
+    def active(self) -> dict[tuple[str, ...], float]:
+        cur, prev, since = self._active
+        if time.monotonic() - since >= 2 * ACTIVE_WINDOW:
+            return {(): 0.0}
+        return {(): float(len(cur | prev) if len(cur) + len(prev) < 4 * ACTIVE_CAP else len(cur))}
+
+    def resets(self) -> dict[tuple[str, ...], float]:
+        store = self.store
+        if store is None:
+            return {("model",): 0.0, ("detector",): 0.0}
+        return {("model",): float(getattr(store, "resets", 0)),
+                ("detector",): float(getattr(store, "detector_resets", 0))}
+
+    def starting(self) -> dict[tuple[str, ...], float]:
+        w = self.startup.waiting_for
+        return {(w,): 1.0} if w is not None else {}
+
+    # ------------------------------------------------------------ shutdown
 
     def cleanup(self) -> None:
         """Remove the temporary Faust data directory (call after the worker has exited)."""
@@ -207,20 +330,31 @@ class Runtime:
             await self.store.close()
 
 
+ACTIVE_WINDOW = 60.0
+ACTIVE_CAP = 1_000_000
+
+
 def create_app(settings: Settings, model: Any = None) -> Any:
     """Build the Faust app (with ``app.lstream``, its :class:`Runtime`); nothing starts yet."""
     import faust
 
     from worker.events import RawMessage
+    from worker.transport import transport_for
     from worker.web import add_views
 
     s = settings
     runtime = Runtime(s, model)
     quiet_client_logs()
+    Transport = transport_for(s.fetch_wait)
 
     class LstreamApp(faust.App):
+        def _new_transport(self) -> Any:
+            # Faust's own aiokafka transport with the fetch wait set (worker/transport.py).
+            return Transport(self.conf.broker_consumer, self)
+
         async def on_first_start(self) -> None:
             await super().on_first_start()
+            await runtime.start_web()
             await runtime.prepare()
 
         async def on_stop(self) -> None:
@@ -250,13 +384,17 @@ def create_app(settings: Settings, model: Any = None) -> Any:
         web_host=s.web_host,
         broker_session_timeout=s.session_timeout,
         broker_heartbeat_interval=max(0.5, min(3.0, s.session_timeout / 4)),
+        # Every consumer and producer request gets this deadline (Faust requires it to be at
+        # least the session timeout).
+        broker_request_timeout=max(s.session_timeout, s.broker_timeout) + 5.0,
         broker_commit_interval=1.0,
         consumer_auto_offset_reset="earliest",
+        producer_linger=0.0,
         topic_disable_leader=True,
         topic_partitions=s.partitions,
         topic_replication_factor=1,
     )
-    app.lstream = runtime
+    app.lstream = runtime  # type: ignore[attr-defined]
     runtime.app = app
     topic = app.topic(s.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
                       value_serializer="raw", partitions=s.partitions)
@@ -264,10 +402,14 @@ def create_app(settings: Settings, model: Any = None) -> Any:
     async def lstream_events(stream: Any) -> None:
         try:
             async for batch in stream.noack_take(s.batch_size, within=s.batch_wait):
+                received = time.time()
                 msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset)
                         for e in batch]
+                record_ts = [float(e.message.timestamp or 0.0) for e in batch]
 
-                async def ack(batch: list[Any] = batch) -> None:
+                async def ack(batch: list[Any] = batch, received: float = received,
+                              record_ts: list[float] = record_ts) -> None:
+                    runtime.observe_batch(received, record_ts)
                     for e in batch:
                         await stream.ack(e)
 
@@ -283,13 +425,23 @@ def create_app(settings: Settings, model: Any = None) -> Any:
                 except TimeoutError:
                     pass
 
-    async def on_rebalance(*args: Any, **kwargs: Any) -> None:
+    async def on_assigned(*args: Any, **kwargs: Any) -> None:
+        runtime.metrics.rebalances.inc(event="assigned")
+        if runtime.startup.waiting_for == "partition assignment":
+            runtime.startup.step(None)
+        forget()
+
+    async def on_revoked(*args: Any, **kwargs: Any) -> None:
+        runtime.metrics.rebalances.inc(event="revoked")
+        forget()
+
+    def forget() -> None:
         # Partitions may have been processed elsewhere meanwhile: read every state from Redis.
         if runtime.pipeline is not None:
             runtime.pipeline.forget()
 
-    app.on_partitions_revoked.connect(on_rebalance)
-    app.on_partitions_assigned.connect(on_rebalance)
+    app.on_partitions_revoked.connect(on_revoked)
+    app.on_partitions_assigned.connect(on_assigned)
 
     app.agent(topic, name="lstream-events")(lstream_events)
     add_views(app, runtime)

@@ -1,7 +1,9 @@
 """Worker settings: one frozen dataclass, filled from flags and ``LSTREAM_*`` variables.
 
-Environment variables are read only at the command-line edge (:func:`from_env`); everything
-below it takes a :class:`Settings`.
+Nothing in ``worker/`` reads the environment: the command line (lstream/commands/) passes
+``os.environ`` to :func:`from_env`, and everything below it takes a :class:`Settings`. Each
+field's type comes from its annotation, resolved with :func:`typing.get_type_hints` (not by
+reading the annotation's text), and :func:`parse` turns a variable's text into that type.
 
 >>> s = from_env({"LSTREAM_WEB_PORT": "7000"}, batch_size=64)
 >>> (s.web_port, s.batch_size, s.input_topic)
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,7 +49,10 @@ class Settings:
     web_host: str = "127.0.0.1"
     app_id: str = "lstream"
     batch_size: int = 512
-    batch_wait: float = 0.05
+    batch_wait: float = 0.005  # seconds a micro-batch waits to fill (latency: docs/operations-latency.md)
+    fetch_wait: float = 0.01  # seconds the broker may hold an empty fetch (Faust hard-codes 1.5)
+    redis_timeout: float = 2.0  # seconds one Redis round trip may take before it counts as an outage
+    broker_timeout: float = 10.0  # seconds one delivery of outputs may take before it counts as an outage
     session_timeout: float = 30.0
     state_ttl: float = 0.0  # seconds; 0 keeps idle streams forever
     model_policy: str = "reset"  # what to do with a state of another model version: reset | refuse
@@ -59,18 +66,30 @@ class Settings:
 
 # Variable name for each field: LSTREAM_ + the field's name (the contract fixes the first seven).
 ENV = {f.name: "LSTREAM_" + f.name.upper() for f in fields(Settings)}
-_TYPES = {f.name: str(f.type) for f in fields(Settings)}  # annotations are strings (__future__)
+# Each field's type, resolved from its annotation (``float | None`` -> float).
+TYPES: dict[str, type] = {}
+for _name, _hint in typing.get_type_hints(Settings).items():
+    _args = [a for a in typing.get_args(_hint) if a is not type(None)]
+    TYPES[_name] = _args[0] if isinstance(_hint, types.UnionType) or typing.get_origin(_hint) is typing.Union \
+        else _hint
 
 
-def _convert(name: str, raw: str) -> Any:
-    kind = _TYPES[name]
-    try:
-        if "float" in kind:
-            return float(raw)
-        if "int" in kind:
-            return int(raw)
-    except ValueError:
-        raise SettingsError(f"{ENV[name]}: expected a number, got {raw!r}") from None
+def parse(name: str, raw: str) -> Any:
+    """The value of setting ``name`` from text, as its field's type.
+
+    >>> parse("web_port", "7000"), parse("threshold", "0.99"), parse("app_id", "x")
+    (7000, 0.99, 'x')
+    >>> parse("batch_wait", "soon")
+    Traceback (most recent call last):
+    ...
+    worker.settings.SettingsError: LSTREAM_BATCH_WAIT: expected a number, got 'soon'
+    """
+    kind = TYPES[name]
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise SettingsError(f"{ENV[name]}: expected a number, got {raw!r}") from None
     return raw
 
 
@@ -81,7 +100,7 @@ def from_env(env: Mapping[str, str], **flags: Any) -> Settings:
     for f in fields(Settings):
         raw = env.get(ENV[f.name])
         if raw not in (None, ""):
-            values[f.name] = _convert(f.name, raw)
+            values[f.name] = parse(f.name, raw)
     values.update({k: v for k, v in flags.items() if v is not None})
     settings = dataclasses.replace(defaults, **values)
     validate(settings)
@@ -99,6 +118,10 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"batch size: expected at least 1, got {s.batch_size}")
     if s.batch_wait < 0 or s.session_timeout <= 0 or s.state_ttl < 0:
         raise SettingsError("batch wait, session timeout and state TTL must not be negative")
+    for name in ("fetch_wait", "redis_timeout", "broker_timeout"):
+        if not getattr(s, name) > 0:
+            raise SettingsError(f"{name.replace('_', ' ')}: expected a positive number of seconds, "
+                                f"got {getattr(s, name)!r}")
 
 
 def broker_hosts(broker: str) -> list[str]:
