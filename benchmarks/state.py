@@ -1,32 +1,70 @@
-"""Client CPU cost of the state store: fenced load + save against plain MGET/MSET and GET+SET.
+"""Cost of the state store: fenced load + save against redis-py's own per-stream path and MGET/MSET.
 
-Per batch size n (states of 2 layers x 64, F = 1) it measures the client's CPU time
-(``time.process_time``; Redis runs in another process) per stream for
+Per batch size n (states of 2 layers x 64, F = 1) and per method it measures, for one load and
+one save of n streams:
 
-* ``fenced``: :meth:`StateStore.load` + :meth:`StateStore.save` (HMGET + EVALSHA per stream,
-  one round trip each, the position advancing so every save applies);
-* ``mget/mset``: the same bytes as one blob per stream, one ``MGET`` and one ``MSET`` through
-  redis-py, decoded back into arrays (no fencing, no fields: the floor for a batched store);
-* ``get+set``: one ``GET`` and one ``SET`` per stream, awaited one after the other.
+* client CPU per stream (``time.process_time``; Redis runs in another process);
+* Redis *server* CPU per saved stream: the ``usec`` of ``INFO commandstats`` (what the commands
+  cost, summed over every node of a cluster) and ``used_cpu_sys + used_cpu_user`` of ``INFO cpu``
+  (also networking and the event loop), before/after, divided by the streams saved.
 
-Run ``python -m benchmarks.state`` (starts its own redis-server) or pass ``--redis-url``.
+Methods:
+
+* ``store``: :meth:`StateStore.load` + :meth:`StateStore.save` (the product's path);
+* ``redis-py``: the same fenced load + save done the obvious way with redis-py's own
+  ``pipeline(transaction=False)``: one ``HMGET`` per stream, then one ``Script`` call
+  (``EVALSHA``) per stream running a one-key fence (the layout of ``state/fence.lua`` before the
+  batched script), plus the index ``ZADD``;
+* ``mget/mset``: the same bytes as one blob per stream, one ``MGET`` and one ``MSET`` (in a
+  cluster: redis-py's ``mget_nonatomic``/``mset_nonatomic``), decoded back into arrays (no
+  fencing, no fields: the floor for a batched store);
+* ``get+set``: one ``GET`` and one ``SET`` per stream, awaited one after the other (single node).
+
+Run ``python -m benchmarks.state`` (starts its own redis-server; ``--cluster`` starts a
+3-primary Redis Cluster instead) or pass ``--redis-url``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
+import subprocess
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
-from kernels.states import StreamStates
+from kernels.states import Positions, StreamStates
 from state.store import StateStore
 
 LAYERS, HIDDEN, FEATURES = 2, 64, 1
-ROUNDS = 5
+ROUNDS = 3
+
+# The one-key fence of the per-stream path (as lstream had it before the batched script): read
+# the position, compare, write every field, keep the TTL.
+PER_STREAM_FENCE = """
+local cur = redis.call('HMGET', KEYS[1], 'partition', 'offset', 'index', 'event_id')
+local p, o, i = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if cur[1] then
+  local cp, co, ci = tonumber(cur[1]), tonumber(cur[2]), tonumber(cur[3])
+  if cp == p and not (o > co or (o == co and i > ci)) then return 0 end
+  if ARGV[1] ~= '' and cur[4] == ARGV[1] then return 2 end
+end
+redis.call('HSET', KEYS[1], 'partition', ARGV[2], 'offset', ARGV[3], 'index', ARGV[4], 'ts', ARGV[5],
+  'steps', ARGV[6], 'episode', ARGV[7], 'model', ARGV[8], 'h', ARGV[9], 'c', ARGV[10], 'pred', ARGV[11],
+  'norm', ARGV[12], 'anomaly', ARGV[13], 'updated_at', ARGV[14], 'event_id', ARGV[1])
+return 1
+"""
+READ_FIELDS = ("h", "c", "pred", "model", "steps", "partition", "offset", "index", "ts", "event_id", "norm",
+               "anomaly", "episode", "updated_at")
 
 
 def _states(n: int, rng: np.random.Generator) -> StreamStates:
@@ -60,43 +98,124 @@ def _unblob(blobs: Sequence[bytes], n: int) -> StreamStates:
     return st
 
 
-async def _cpu_per_stream(body: Callable[[int], Awaitable[None]], n: int, reps: int, start: int) -> float:
+def _decode_rows(rows: Sequence[Sequence[bytes | None]], n: int) -> StreamStates:
+    """HMGET rows (READ_FIELDS order) -> states, the way a careful client would (numpy joins)."""
+    st = StreamStates.zeros(n, LAYERS, HIDDEN, FEATURES)
+    cols = list(zip(*rows))
+    for name, col in (("h", 0), ("c", 1), ("pred", 2), ("norm", 10), ("anomaly", 11)):
+        dest = getattr(st, name)
+        dest[:] = np.frombuffer(b"".join(cols[col]), dest.dtype).reshape(dest.shape)  # type: ignore[arg-type]
+    st.steps[:] = [int(v) for v in cols[4]]  # type: ignore[arg-type]
+    st.episode[:] = [int(v) for v in cols[12]]  # type: ignore[arg-type]
+    return st
+
+
+class Server:
+    """Redis server CPU, summed over the nodes given (commandstats usec and INFO cpu seconds)."""
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        self.clients = [aioredis.from_url(u) for u in urls]
+
+    async def sample(self) -> tuple[float, float]:
+        usec = cpu = 0.0
+        for c in self.clients:
+            stats = await c.info("commandstats")
+            usec += sum(float(v["usec"]) for v in stats.values())
+            info = await c.info("cpu")
+            cpu += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        return usec, cpu * 1e6
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.aclose()
+
+
+@dataclass
+class Row:
+    n: int
+    method: str
+    client_us: float  # client CPU per stream (load + save)
+    server_cmd_us: float  # Redis commandstats usec per saved stream (load + save)
+    server_cpu_us: float  # Redis INFO cpu per saved stream (load + save)
+
+
+async def _measure(body: Callable[[int], Awaitable[None]], n: int, reps: int, start: int,
+                   server: Server) -> tuple[float, float, float]:
+    s0 = await server.sample()
     t0 = time.process_time()
     for r in range(start, start + reps):
         await body(r)
-    return (time.process_time() - t0) / (reps * n) * 1e6
+    dt = time.process_time() - t0
+    s1 = await server.sample()
+    per = reps * n
+    return dt / per * 1e6, (s1[0] - s0[0]) / per, (s1[1] - s0[1]) / per
 
 
-async def _run(url: str, sizes: Sequence[int], budget: float) -> list[tuple[int, float, float, float]]:
+async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequence[str], cluster: bool,
+               methods: Sequence[str]) -> list[Row]:
     rng = np.random.default_rng(0)
     store = await StateStore.connect(url, model_version="m-bench", num_layers=LAYERS, hidden_size=HIDDEN,
                                      input_size=FEATURES, prefix="lstream-bench")
-    client = aioredis.from_url(url)
-    rows = []
+    client: Any = RedisCluster.from_url(url) if cluster else aioredis.from_url(url)
+    fence = client.register_script(PER_STREAM_FENCE)
+    server = Server(node_urls)
+    for c in server.clients:  # every primary knows the per-stream fence
+        await c.script_load(PER_STREAM_FENCE)
+    rows: list[Row] = []
     try:
         for n in sizes:
             ids = [f"bench-{n}-{i}" for i in range(n)]
             keys = [f"lstream-bench:blob:{{{s}}}" for s in ids]
+            pkeys = [f"lstream-bench:py:{{{s}}}" for s in ids]
             st = _states(n, rng)
-            parts = np.zeros(n, np.int64)
-            idx = np.zeros(n, np.int64)
+            zero = np.zeros(n, np.int64)
             ts = np.full(n, 1.7e9)
             eids = [f"e-{i}" for i in range(n)]
             reps = max(2, int(budget * 400 / n / ROUNDS))  # a rep of load + save: ~1-3 ms per 100 streams
-            await store.save(ids, st, parts, np.zeros(n, np.int64), idx, ts, None)
-            await client.mset(dict(zip(keys, _blobs(st))))
+            await store.save(ids, st, Positions.build(zero, zero, zero, ts, None))
+            if cluster:
+                await client.mset_nonatomic(dict(zip(keys, _blobs(st))))
+            else:
+                await client.mset(dict(zip(keys, _blobs(st))))
 
             async def fenced(r: int) -> None:
                 loaded = await store.load(ids)
-                applied = await store.save(ids, loaded.states, parts, np.full(n, r + 10, np.int64), idx,
-                                           ts + r + 10, [f"{e}-{r}" for e in eids])
-                if not applied.all():
-                    raise RuntimeError(f"bench: {int((~applied).sum())} saves refused at rep {r}")
+                pos = Positions.build(zero, np.full(n, r + 10, np.int64), zero, ts + r + 10,
+                                      [f"{e}-{r}" for e in eids])
+                saved = await store.save(ids, loaded.states, pos)
+                if not saved.applied.all():
+                    raise RuntimeError(f"bench: {int((~saved.applied).sum())} saves refused at rep {r}")
+
+            async def pyredis(r: int) -> None:
+                pipe = client.pipeline(transaction=False)
+                for k in pkeys:
+                    pipe.hmget(k, READ_FIELDS)
+                got = await pipe.execute()
+                loaded = _decode_rows(got, n) if got[0][0] is not None else st
+                h = loaded.h.reshape(n, -1)
+                c = loaded.c.reshape(n, -1)
+                pred = loaded.pred.reshape(n, -1)
+                now = repr(time.time())
+                off, tss = b"%d" % (r + 10), repr(float(ts[0]) + r + 10)
+                pipe = client.pipeline(transaction=False)
+                for j, k in enumerate(pkeys):
+                    argv = [f"{eids[j]}-{r}", 0, off, 0, tss, int(loaded.steps[j]), int(loaded.episode[j]),
+                            "m-bench", h[j].tobytes(), c[j].tobytes(), pred[j].tobytes(), loaded.norm[j].tobytes(),
+                            loaded.anomaly[j].tobytes(), now]
+                    if cluster:  # redis-py's cluster pipeline blocks .evalsha(); the raw command is routed by key
+                        pipe.execute_command("EVALSHA", fence.sha, 1, k, *argv)
+                    else:
+                        await fence(keys=[k], args=argv, client=pipe)
+                pipe.zadd("lstream-bench:pyindex", dict.fromkeys(ids, float(now)))
+                res = await pipe.execute()
+                if len(res) != n + 1 or any(x != 1 for x in res[:-1]):
+                    raise RuntimeError(f"bench: redis-py fence refused saves at rep {r}")
 
             async def plain(r: int) -> None:
-                got = await client.mget(keys)
+                got = await (client.mget_nonatomic(keys) if cluster else client.mget(keys))
                 loaded = _unblob(got, n)
-                await client.mset(dict(zip(keys, _blobs(loaded))))
+                blobs = dict(zip(keys, _blobs(loaded)))
+                await (client.mset_nonatomic(blobs) if cluster else client.mset(blobs))
 
             async def single(r: int) -> None:
                 got = [await client.get(k) for k in keys]
@@ -104,52 +223,117 @@ async def _run(url: str, sizes: Sequence[int], budget: float) -> list[tuple[int,
                 for k, b in zip(keys, _blobs(loaded)):
                     await client.set(k, b)
 
-            for body in (fenced, plain, single):
-                await body(-1)  # warm up: connections, script, caches
-            # Rounds alternate the three so that a busy machine slows them alike; medians.
-            fs, ps, ss = [], [], []
+            bodies = {"store": fenced, "redis-py": pyredis, "mget/mset": plain, "get+set": single}
+            chosen = [(m, bodies[m]) for m in methods if not (cluster and m == "get+set")]
+            for _, body in chosen:
+                await body(-1)  # warm up: connections, scripts, caches
+            # Rounds alternate the methods so that a busy machine slows them alike; medians.
+            got: dict[str, list[tuple[float, float, float]]] = {m: [] for m, _ in chosen}
             for k in range(ROUNDS):
-                fs.append(await _cpu_per_stream(fenced, n, reps, k * reps))
-                ps.append(await _cpu_per_stream(plain, n, reps, k * reps))
-                ss.append(await _cpu_per_stream(single, n, max(1, reps // 8), k * reps))
-            f, p, s = (float(np.median(x)) for x in (fs, ps, ss))
-            rows.append((n, f, p, s))
-            await client.delete(*keys)
+                for m, body in chosen:
+                    r = reps if m != "get+set" else max(1, reps // 8)
+                    got[m].append(await _measure(body, n, r, (k + 1) * reps, server))
+            for m, _ in chosen:
+                a = np.median(np.array(got[m]), axis=0)
+                rows.append(Row(n, m, float(a[0]), float(a[1]), float(a[2])))
+            await client.delete(*keys) if not cluster else [await client.delete(k) for k in keys]
+            for k in pkeys:
+                await client.delete(k)
             for s_id in ids:
                 await store.reset(s_id)
     finally:
         await client.aclose()
+        await server.close()
         await store.close()
     return rows
 
 
-def table(rows: Sequence[tuple[int, float, float, float]]) -> str:
-    lines = ["client CPU per stream, load + save (us); states 2 x 64, F=1",
-             f"{'n':>6} {'fenced':>9} {'mget/mset':>10} {'get+set':>9} {'fenced/mget':>12} {'get+set/fenced':>15}"]
-    for n, f, p, s in rows:
-        lines.append(f"{n:>6} {f:>9.1f} {p:>10.1f} {s:>9.1f} {f / p:>12.2f} {s / f:>15.1f}")
+def table(rows: Sequence[Row], title: str = "") -> str:
+    lines = [f"fenced load + save per stream{title}; states 2 x 64, F=1 (us; server = Redis CPU per saved stream)",
+             f"{'n':>6} {'method':<10} {'client':>8} {'server cmd':>11} {'server cpu':>11} {'client vs store':>16}"]
+    base = {r.n: r.client_us for r in rows if r.method == "store"}
+    for r in rows:
+        ratio = r.client_us / base[r.n] if r.n in base else float("nan")
+        lines.append(f"{r.n:>6} {r.method:<10} {r.client_us:>8.1f} {r.server_cmd_us:>11.2f} "
+                     f"{r.server_cpu_us:>11.2f} {ratio:>16.2f}")
     return "\n".join(lines)
+
+
+@contextmanager
+def start_cluster(primaries: int = 3) -> Iterator[list[str]]:
+    """A throwaway Redis Cluster of ``primaries`` primaries on free ports (no persistence);
+    yields their URLs (the first is the seed)."""
+    from lstream.devservices import _wait_for_port, child_setup, free_port
+
+    if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+        raise RuntimeError("a cluster needs redis-server and redis-cli on PATH")
+    tmp = Path(tempfile.mkdtemp(prefix="lstream-cluster-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        ports = [free_port() for _ in range(primaries)]
+        for p in ports:
+            # An explicit bus port: the default (port + 10000) may be taken or above 65535.
+            proc = subprocess.Popen(
+                ["redis-server", "--port", str(p), "--cluster-port", str(free_port()), "--bind", "127.0.0.1",
+                 "--cluster-enabled", "yes", "--cluster-config-file", str(tmp / f"nodes-{p}.conf"),
+                 "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=child_setup())
+            procs.append(proc)
+            _wait_for_port(p, proc, "redis-server (cluster)", 15.0)
+        made = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                               "--cluster-replicas", "0", "--cluster-yes"],
+                              capture_output=True, text=True, timeout=30, check=False)
+        if made.returncode != 0:
+            raise RuntimeError(made.stdout + made.stderr)
+        deadline = time.monotonic() + 15
+        while not all("cluster_state:ok" in subprocess.run(["redis-cli", "-p", str(p), "cluster", "info"],
+                                                           capture_output=True, text=True, timeout=10).stdout
+                      for p in ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster_state never became ok")
+            time.sleep(0.1)
+        yield [f"redis://127.0.0.1:{p}/0" for p in ports]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+METHODS = ("store", "redis-py", "mget/mset", "get+set")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.state", description=__doc__.splitlines()[0])
     ap.add_argument("--redis-url", help="use this Redis instead of starting one (keys under lstream-bench:)")
+    ap.add_argument("--cluster", action="store_true", help="start a 3-primary Redis Cluster and measure on it too")
     ap.add_argument("--sizes", default="1,64,256,1024", help="batch sizes, comma separated")
     ap.add_argument("--budget", type=float, default=1.0, help="rough seconds per measurement")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma separated subset of " + ",".join(METHODS))
     ap.add_argument("--quick", action="store_true", help="small sizes and budget (a smoke run)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
     budget = args.budget
     if args.quick:
         sizes, budget = [1, 64], 0.05
     if args.redis_url:
-        rows = asyncio.run(_run(args.redis_url, sizes, budget))
+        print(table(asyncio.run(_run(args.redis_url, sizes, budget, [args.redis_url], False, methods))))
     else:
         from lstream.devservices import start_redis
 
         with start_redis() as service:
-            rows = asyncio.run(_run(service.url, sizes, budget))
-    print(table(rows))
+            print(table(asyncio.run(_run(service.url, sizes, budget, [service.url], False, methods)),
+                        ", single node"))
+    if args.cluster:
+        with start_cluster() as urls:
+            print(table(asyncio.run(_run(urls[0], sizes, budget, urls, True, methods)), ", 3-primary cluster"))
     return 0
 
 

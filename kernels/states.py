@@ -101,3 +101,126 @@ class StreamStates:
     @classmethod
     def concat(cls, parts: Sequence[StreamStates]) -> StreamStates:
         return cls(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+
+# ---------------------------------------------------------------------------------------------
+# How each StreamStates field is stored per stream (state/ encodes, fences and loads every field
+# listed here, so a new per-stream field needs one line below and nothing in state/).
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """The stored form of one :class:`StreamStates` field, per stream.
+
+    ``dtype``: little-endian numpy dtype of the values. ``shape``: the per-stream shape, in
+    words (the numbers come from the arrays: a fresh ``StreamStates`` of the loaded model).
+    ``version``: the layout tag, bumped whenever the meaning of the stored values changes, so
+    that a state written under another layout is detected, never misread. ``text``: a scalar
+    stored as decimal text (any client reads it) instead of raw bytes. ``other_layout``: what a
+    load does with a value of another layout version or size: ``"fresh"`` starts this field
+    afresh (counted; the rest of the state is kept) or ``"bad"`` marks the stream unreadable.
+    ``contract``: the field is part of the fixed contract layout (its version never changes and
+    is not recorded in the hash's ``layout`` field).
+    """
+
+    dtype: str
+    shape: str
+    version: int = 1
+    text: bool = False
+    other_layout: str = "bad"
+    contract: bool = False
+
+
+LAYOUT: dict[str, FieldLayout] = {
+    "h": FieldLayout("<f4", "(layers, hidden)", contract=True),
+    "c": FieldLayout("<f4", "(layers, hidden)", contract=True),
+    "pred": FieldLayout("<f4", "(features,)", contract=True),
+    "steps": FieldLayout("<i8", "()", text=True, contract=True),
+    # norm: count, mean per feature, M2 per feature (kernels.norm).
+    "norm": FieldLayout("<f8", "(1 + 2 features,)"),
+    # anomaly: kernels.detector.field_names(F). Version 2: the windowed-range detector (c151f52);
+    # version 1 (and hashes without a ``layout`` field) held 25 + 7 F values.
+    "anomaly": FieldLayout("<f8", "(detector size,)", version=2, other_layout="fresh"),
+    "episode": FieldLayout("<i8", "()", text=True),
+}
+# Fields of StreamStates without a line above (e.g. a field being added) are stored as raw
+# float64/int64 bytes, version 1, restarted afresh on a size mismatch: see layout_of.
+
+
+def layout_of(name: str, dtype: Any) -> FieldLayout:
+    """The stored form of field ``name`` (numpy ``dtype`` of its array when it is not listed)."""
+    spec = LAYOUT.get(name)
+    if spec is not None:
+        return spec
+    return FieldLayout(np.dtype(dtype).newbyteorder("<").str, "(per stream)", other_layout="fresh")
+
+
+def field_names() -> tuple[str, ...]:
+    """The names of every StreamStates field, in declaration order."""
+    return tuple(f.name for f in fields(StreamStates))
+
+
+@dataclass
+class Positions:
+    """Per stream (row i), the source position a state reflects: (partition, offset, index),
+    the event time and the ``event_id`` of its last applied event.
+
+    >>> p = Positions.build([0, 1], [41, 7], [0, 2], [1.5, 2.5], ["e", None])
+    >>> len(p), p.offset.tolist(), p.take([1]).event_id
+    (2, [41, 7], [None])
+    >>> Positions.empty(1).partition.tolist(), Positions.empty(1).ts.tolist()
+    ([-1], [nan])
+    """
+
+    partition: np.ndarray  # int64 (n,); -1 where nothing is stored
+    offset: np.ndarray  # int64 (n,); -1 where nothing is stored
+    index: np.ndarray  # int64 (n,): element of a gateway batch (0 for a single event); -1: nothing stored
+    ts: np.ndarray  # float64 (n,): event time; NaN where nothing is stored
+    event_id: list[str | None]  # last applied event_id (None: none)
+
+    def __len__(self) -> int:
+        return int(self.partition.shape[0])
+
+    @classmethod
+    def empty(cls, n: int) -> Positions:
+        """n streams with nothing stored."""
+        return cls(np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64),
+                   np.full(n, np.nan), [None] * n)
+
+    @classmethod
+    def build(cls, partition: Any, offset: Any, index: Any, ts: Any,
+              event_id: Sequence[str | None] | None = None) -> Positions:
+        """Checked positions from sequences (``event_id`` None: none for every stream)."""
+        n = len(partition)
+        cols = []
+        for name, a in (("partition", partition), ("offset", offset), ("index", index)):
+            arr = np.asarray(a)
+            if arr.shape != (n,) or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+                raise ValueError(f"positions: {name}: expected {n} integers, got shape {arr.shape} of {arr.dtype}")
+            cols.append(arr.astype(np.int64))
+        ts_arr = np.asarray(ts, dtype=np.float64)
+        if ts_arr.shape != (n,):
+            raise ValueError(f"positions: ts: expected {n} event times, got shape {ts_arr.shape}")
+        eids = [None] * n if event_id is None else [e or None for e in event_id]
+        if len(eids) != n:
+            raise ValueError(f"positions: event_id: expected {n}, got {len(eids)}")
+        return cls(cols[0], cols[1], cols[2], ts_arr, eids)
+
+    def take(self, idx: Any) -> Positions:
+        """A copy of the rows at ``idx`` (an index array or mask)."""
+        rows = np.arange(len(self))[idx]
+        return Positions(self.partition[rows], self.offset[rows], self.index[rows], self.ts[rows],
+                         [self.event_id[i] for i in rows.tolist()])
+
+    def put(self, idx: Any, sub: Positions) -> None:
+        """Write ``sub`` into the rows at ``idx``."""
+        rows = np.arange(len(self))[idx]
+        self.partition[rows], self.offset[rows], self.index[rows] = sub.partition, sub.offset, sub.index
+        self.ts[rows] = sub.ts
+        for i, e in zip(rows.tolist(), sub.event_id):
+            self.event_id[i] = e
+
+    @classmethod
+    def concat(cls, parts: Sequence[Positions]) -> Positions:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("partition", "offset", "index", "ts")),
+                   [e for p in parts for e in p.event_id])

@@ -1,27 +1,29 @@
-"""The Redis layout of a stream's state (contract): key names and hash field encodings.
+"""The Redis layout of a stream's state (contract; docs/state.md): keys and field encodings.
 
 One hash per stream, ``lstream:state:{<stream_id>}`` (the braces are a Redis Cluster hash
-tag, so everything about one stream lives in one slot). Arrays are raw little-endian bytes:
-``h``, ``c`` float32 row-major (num_layers, hidden_size); ``pred`` float32 (F,); ``norm``
-float64 (1+2F,); ``anomaly`` float64 (D,). Numbers are decimal strings; ``model`` and
-``event_id`` are UTF-8 text. A sorted set ``lstream:index`` (member: stream id, score: the
-``updated_at`` of its last save) lists streams by last update.
+tag, so everything about one stream lives in one slot). Every :class:`kernels.states.StreamStates`
+field is one hash field, encoded as its :data:`kernels.states.LAYOUT` entry says: raw
+little-endian bytes (``h``, ``c`` float32 row-major (layers, hidden); ``pred`` float32;
+``norm``, ``anomaly`` float64) or decimal text (``steps``, ``episode``). Beside them: the
+position (``partition``, ``offset``, ``index`` decimal text; ``ts`` the shortest decimal that
+reads back as the same double), ``event_id`` and ``model`` (UTF-8 text), ``layers`` and
+``hidden`` (the shape of h and c, so any client decodes them without the model), ``layout``
+(the version tags of the per-stream model fields, e.g. ``norm:1,anomaly:2,episode:1``) and
+``updated_at``. A sorted set ``lstream:index`` (member: stream id, score: the ``updated_at`` of
+its last save) lists streams by last update.
 
 >>> state_key("pump-17")
 'lstream:state:{pump-17}'
 >>> stream_id_of(b"lstream:state:{pump-17}")
 'pump-17'
+>>> parse_layout(b"norm:1,anomaly:2"), parse_layout(None)
+({'norm': 1, 'anomaly': 2}, {})
 >>> import numpy as np
->>> rec = {"h": np.ones((2, 3), np.float32), "c": np.zeros((2, 3), np.float32),
-...        "pred": np.array([0.5], np.float32), "model": "m-1", "steps": 3, "partition": 0,
-...        "offset": 41, "index": 0, "ts": 1732650000.25, "event_id": None,
-...        "norm": np.zeros(3), "anomaly": np.zeros(3), "episode": -1, "updated_at": 1.5}
->>> raw = encode_record(rec)
->>> raw["offset"], raw["ts"], len(raw["h"]), "event_id" in raw
-(b'41', b'1732650000.25', 24, False)
->>> back = decode_record(raw, num_layers=2, hidden_size=3)
->>> back["h"].shape, back["offset"], back["event_id"], back["pred"].tolist()
-((2, 3), 41, None, [0.5])
+>>> raw = {b"h": np.ones(6, "<f4").tobytes(), b"layers": b"2", b"hidden": b"3", b"steps": b"7",
+...        b"offset": b"41", b"model": b"m-1", b"ts": b"1.5"}
+>>> rec = decode_record(raw)
+>>> rec["h"].shape, rec["steps"], rec["offset"], rec["event_id"], rec["shape_from"]
+((2, 3), 7, 41, None, 'hash')
 """
 
 from __future__ import annotations
@@ -31,19 +33,18 @@ from typing import Any
 
 import numpy as np
 
+from kernels.states import LAYOUT, field_names, layout_of
 from state.errors import StateError
 
 PREFIX = "lstream"
 
-# Every field of the hash, in the order HMGET asks for them (load relies on this order).
-FIELDS = ("h", "c", "pred", "model", "steps", "partition", "offset", "index", "ts", "event_id",
-          "norm", "anomaly", "episode", "updated_at")
-F32 = np.dtype("<f4")
-F64 = np.dtype("<f8")
-ARRAYS = {"h": F32, "c": F32, "pred": F32, "norm": F64, "anomaly": F64}
-INTS = ("steps", "partition", "offset", "index", "episode")
+# Fields beside the state's own: the position, the model, the shape, the layout tags, the time.
+POSITION = ("partition", "offset", "index", "ts", "event_id")
+META = ("model", "layers", "hidden", "layout", "updated_at")
+INTS = ("partition", "offset", "index", "layers", "hidden")
 FLOATS = ("ts", "updated_at")
-TEXTS = ("model", "event_id")
+# Every field of a hash this lstream writes (event_id only when the last event had one).
+FIELDS = POSITION + META + field_names()
 
 
 def state_key(stream_id: str, prefix: str = PREFIX) -> str:
@@ -70,72 +71,92 @@ def encode_float(x: float) -> bytes:
     return repr(float(x)).encode()
 
 
-def encode_record(rec: Mapping[str, Any]) -> dict[str, bytes]:
-    """One stream's state as hash fields. ``event_id`` None (or empty) leaves the field out."""
-    out: dict[str, bytes] = {}
-    for name, dtype in ARRAYS.items():
-        out[name] = np.ascontiguousarray(rec[name], dtype=dtype).tobytes()
-    for name in INTS:
-        out[name] = b"%d" % int(rec[name])
-    for name in FLOATS:
-        out[name] = encode_float(rec[name])
-    out["model"] = str(rec["model"]).encode()
-    if rec.get("event_id"):
-        out["event_id"] = str(rec["event_id"]).encode()
+def layout_tag(names: tuple[str, ...]) -> str:
+    """The ``layout`` field: version tags of the non-contract fields among ``names``.
+
+    >>> layout_tag(("h", "norm", "anomaly"))
+    'norm:1,anomaly:2'
+    """
+    return ",".join(f"{n}:{layout_of(n, np.float64).version}" for n in names if not layout_of(n, np.float64).contract)
+
+
+def parse_layout(raw: bytes | str | None) -> dict[str, int]:
+    """``b"norm:1,anomaly:2"`` -> ``{"norm": 1, "anomaly": 2}``; None (a hash written before
+    layouts were recorded) -> ``{}``, read as version 1 of every field. Raises ValueError."""
+    if not raw:
+        return {}
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    out = {}
+    for part in text.split(","):
+        name, _, ver = part.partition(":")
+        out[name] = int(ver)
     return out
 
 
 def _text(v: bytes | str | None) -> str | None:
     if v is None:
         return None
-    return v.decode() if isinstance(v, bytes) else v
+    return v.decode(errors="replace") if isinstance(v, bytes) else v
 
 
-def decode_array(name: str, raw: bytes, shape: tuple[int, ...] | None = None,
-                 stream_id: str = "?") -> np.ndarray:
-    """Bytes of array field ``name`` as a numpy array (a copy, writable), checked against ``shape``."""
-    dtype = ARRAYS[name]
+def decode_array(name: str, raw: bytes, stream_id: str = "?") -> np.ndarray:
+    """Bytes of field ``name`` as a flat numpy array in native byte order (a writable copy)."""
+    spec = LAYOUT.get(name)
+    dtype = np.dtype(spec.dtype if spec is not None else "<f8")
     if len(raw) % dtype.itemsize:
         raise StateError(f"stream {stream_id!r}: field {name}: expected a multiple of {dtype.itemsize} bytes, "
                          f"got {len(raw)}")
-    arr = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
-    if shape is not None:
-        if arr.size != int(np.prod(shape)):
-            raise StateError(f"stream {stream_id!r}: field {name}: expected {int(np.prod(shape))} values "
-                             f"(shape {shape}), got {arr.size}")
-        arr = arr.reshape(shape)
-    return arr
+    return np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
 
 
 def decode_record(raw: Mapping[bytes | str, bytes | None], *, num_layers: int | None = None,
                   hidden_size: int | None = None, stream_id: str = "?") -> dict[str, Any]:
     """Hash fields (as HGETALL returns them) -> a record with numpy arrays and Python numbers.
 
-    ``h``/``c`` take shape (num_layers, hidden_size) when both are given and the sizes fit;
-    otherwise they come back as one row (1, size). A missing field decodes as None.
+    ``h``/``c`` take the shape stored in ``layers``/``hidden``; for a hash written before those
+    fields existed, (``num_layers``, ``hidden_size``) when given and the sizes fit, else one
+    row. ``shape_from`` says which (``"hash"``, ``"model"`` or ``"unknown"``). A missing field
+    decodes as None; every field of the hash that is not known here is kept as text.
     """
     fields = {(_text(k) or ""): v for k, v in raw.items()}
     rec: dict[str, Any] = {}
-    for name in ARRAYS:
-        v = fields.get(name)
-        rec[name] = None if v is None else decode_array(name, v, stream_id=stream_id)
+    try:
+        for name in INTS:
+            v = fields.pop(name, None)
+            rec[name] = None if v is None else int(v)
+        for name in FLOATS:
+            v = fields.pop(name, None)
+            rec[name] = None if v is None else float(v)
+        for name in field_names():
+            v = fields.pop(name, None)
+            spec = layout_of(name, np.float64)
+            if v is None:
+                rec[name] = None
+            elif spec.text:
+                rec[name] = int(v)
+            else:
+                rec[name] = decode_array(name, v, stream_id)
+        rec["layout"] = parse_layout(fields.pop("layout", None))
+    except ValueError as exc:
+        raise StateError(f"stream {stream_id!r}: expected decimal numbers in the state hash: {exc}") from None
+    for name in ("model", "event_id"):
+        rec[name] = _text(fields.pop(name, None)) or None
+    rec["extra"] = {k: _text(v) for k, v in fields.items()}
+    layers, hidden = rec["layers"], rec["hidden"]
+    rec["shape_from"] = "hash"
+    if not (layers and hidden):
+        layers, hidden = num_layers, hidden_size
+        rec["shape_from"] = "model"
     for name in ("h", "c"):
         arr = rec[name]
         if arr is None:
             continue
-        if num_layers and hidden_size and arr.size == num_layers * hidden_size:
-            rec[name] = arr.reshape(num_layers, hidden_size)
+        if layers and hidden and arr.size == layers * hidden:
+            rec[name] = arr.reshape(layers, hidden)
         else:
+            if rec["shape_from"] == "hash":
+                raise StateError(f"stream {stream_id!r}: field {name}: expected {layers} x {hidden} = "
+                                 f"{layers * hidden} float32 (layers, hidden fields), got {arr.size}")
             rec[name] = arr.reshape(1, -1)
-    try:
-        for name in INTS:
-            v = fields.get(name)
-            rec[name] = None if v is None else int(v)
-        for name in FLOATS:
-            v = fields.get(name)
-            rec[name] = None if v is None else float(v)
-    except ValueError as exc:
-        raise StateError(f"stream {stream_id!r}: expected decimal numbers in the state hash: {exc}") from None
-    for name in TEXTS:
-        rec[name] = _text(fields.get(name)) or None
+            rec["shape_from"] = "unknown"
     return rec
