@@ -475,6 +475,17 @@ class Pipeline:
             return np.concatenate([await self._save(ids[:half], states.take(rows[:half]), last[:half]),
                                    await self._save(ids[half:], states.take(rows[half:]), last[half:])])
         landed, ours = _landed(result, len(ids))
+        if not landed.all():
+            # A refusal is another worker's newer position, unless the stored position is
+            # exactly ours: then a first attempt whose reply was lost had landed (issue 12.8).
+            refused = np.flatnonzero(~landed).tolist()
+            start, _ = await self._load([ids[i] for i in refused])
+            for j, i in enumerate(refused):
+                e = last[i]
+                if (start.found[j] and start.unreadable[j] is None and int(start.partition[j]) == e.partition
+                        and int(start.offset[j]) == e.offset and int(start.index[j]) == (e.index or 0)
+                        and start.event_id[j] == e.event_id and float(start.ts[j]) == e.ts):
+                    landed[i] = ours[i] = True
         if ours.any():
             log.info("%d save(s) had landed on a first attempt whose reply was lost", int(ours.sum()))
         return landed
