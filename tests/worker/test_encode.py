@@ -7,7 +7,7 @@ import numpy as np
 import orjson
 import pytest
 
-from worker.encode import (KEY_MAX, MAX_RECORD, Encoder, Topics, alert_doc, dead_letter_doc, prediction_doc)
+from worker.encode import KEY_MAX, MAX_RECORD, Encoder, Topics, alert_doc, dead_letter_doc, prediction_doc
 from worker.events import Event, Rejection
 
 TOPICS = Topics("in-topic", "preds", "alerts", "dlq")
@@ -75,7 +75,7 @@ def test_dead_letter_of_a_huge_key_and_value_fits_the_record_limit():
     raw = b"\x01" * 290_000  # control characters: JSON escapes make them 6 bytes each
     enc = Encoder(TOPICS, "m-1", 0.99)
     topic, rkey, value = enc.dead_letter(Rejection("bad_json", "expected JSON", "in-topic", 0, 1, key, raw))
-    assert len(rkey) + len(value) <= MAX_RECORD
+    assert topic == "dlq" and len(rkey) + len(value) <= MAX_RECORD
     doc = orjson.loads(value)
     assert doc["key_truncated"] is True and doc["raw_truncated"] is True
     assert len(rkey) == KEY_MAX and doc["key"] == "k" * KEY_MAX and raw.decode().startswith(doc["raw"])

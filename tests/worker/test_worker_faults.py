@@ -189,7 +189,7 @@ def test_a_non_finite_step_restarts_only_that_stream(model, redis_url):
         return pipe, res, res2, sink, loaded
 
     pipe, res, res2, sink, loaded = _run(run())
-    assert res.rejected == {"failed": 1} and res.applied == 1
+    assert res.rejected == {"failed": 1} and res.applied == 1 and res2.applied == 1
     (dead,) = sink.on("sensor-events-dlq")
     assert dead["key"] == "a" and "non-finite" in dead["detail"]
     preds = sink.on("predictions")
@@ -272,7 +272,7 @@ class LostFirstReply:
 
 def test_a_retry_whose_first_save_landed_is_not_another_worker(model, redis_url, caplog):
     async def run():
-        pipe, store, sink, _ = await _setup(model, redis_url, store_wrapper=LostFirstReply)
+        pipe, store, _, _ = await _setup(model, redis_url, store_wrapper=LostFirstReply)
         res = await pipe.process(_msgs("z", [(NOW - 10 + k, float(k)) for k in range(3)]))
         rec = await store.get("z")
         await store.close()
@@ -285,7 +285,7 @@ def test_a_retry_whose_first_save_landed_is_not_another_worker(model, redis_url,
 
 def test_held_states_stay_within_their_bound(model, redis_url):
     async def run():
-        pipe, store, sink, _ = await _setup(model, redis_url, cache=3)
+        pipe, store, _, _ = await _setup(model, redis_url, cache=3)
         for rnd in range(3):
             msgs = []
             for k in range(5):
@@ -299,3 +299,35 @@ def test_held_states_stay_within_their_bound(model, redis_url):
     assert c["entries"] == 3 and c["max_entries"] == 3 and c["evictions"] > 0
     assert c["hits"] + c["misses"] == 15 and 0 <= c["hit_rate"] < 1
     assert orjson.dumps(c)  # plain numbers, ready for /healthz and /metrics
+
+
+@pytest.mark.slow
+def test_dead_letter_of_a_700kb_key_and_290kb_value_reaches_the_real_broker(model, redis_url, broker_url):
+    from tests import kafkautil as ku
+    from worker.emit import BatchSender
+    from worker.encode import Topics
+
+    topics = Topics(ku.unique_topic("in"), ku.unique_topic("pred"), ku.unique_topic("alert"), ku.unique_topic("dlq"))
+    key = b"k" * 700_000
+    value = b"\x01" * 290_000  # not JSON: bad_json, its raw text escaped to 6 bytes per byte
+    ku.create_topics(broker_url, [topics.predictions, topics.alerts, topics.dlq])
+
+    async def run():
+        sender = await BatchSender.start(broker_url)
+        try:
+            pipe, store, _, _ = await _setup(model, redis_url, topics=topics)
+            pipe.emit = sender.send
+            res = await pipe.process([RawMessage(key, value, 0, 0),
+                                      RawMessage(b"ok", event("ok", NOW - 1, [1.0]), 0, 1)])
+            await store.close()
+        finally:
+            await sender.stop()
+        return res
+
+    res = _run(run(), timeout=90.0)
+    assert res.rejected == {"bad_json": 1} and res.applied == 1
+    (rec,) = ku.read_all(broker_url, topics.dlq, count=1, timeout=30.0)
+    doc = rec.json()
+    assert doc["error"] == "bad_json" and doc["key_truncated"] and doc["raw_truncated"]
+    assert rec.key == key[:len(rec.key)] and len(rec.key) + len(rec.value) <= 1_000_000
+    assert ku.read_all(broker_url, topics.predictions, count=1, timeout=30.0)[0].key == b"ok"
