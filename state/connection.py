@@ -137,7 +137,7 @@ class Connection:
                 return await aw
         except StateError:
             raise
-        except (RedisError, RedisClusterException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
             raise translate(exc, self.url) from exc
 
     def check(self, reply: Any) -> Any:

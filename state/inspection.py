@@ -78,6 +78,14 @@ def describe(record: Mapping[str, Any], *, now: float | None = None,
         arr = record.get(name)
         out[name] = _list(arr)
         out[f"{name}_norm"] = None if arr is None else _list(np.linalg.norm(np.asarray(arr, np.float64), axis=-1))
+    out["layers"], out["hidden"] = _num(record.get("layers")), _num(record.get("hidden"))
+    out["shape_from"] = record.get("shape_from")  # "hash" (its layers/hidden), "model" or "unknown"
+    out["layout"] = dict(record.get("layout") or {})
+    loaded = record.get("loaded_model")
+    out["loaded_model"] = loaded
+    stored = record.get("model")
+    out["model_note"] = (f"belongs to model {stored}, not the loaded model {loaded}: the worker does not reuse it"
+                         if loaded and stored != loaded else None)
     norm = record.get("norm")
     out["norm"] = _list(norm)
     if norm is not None and len(norm) % 2 == 1:

@@ -44,7 +44,7 @@ from state.errors import StateError, StateNotFound
 from state.loaded import ROW_FIELDS, Loaded, decode_rows
 from state.saved import ALREADY, APPLIED, DUPLICATE, STALE, Saved
 
-__all__ = ["Loaded", "Saved", "StateStore", "safe_url", "APPLIED", "ALREADY", "STALE", "DUPLICATE"]
+__all__ = ["ALREADY", "APPLIED", "DUPLICATE", "STALE", "Loaded", "Saved", "StateStore", "safe_url"]
 
 HERE = Path(__file__).resolve().parent
 FENCE_LUA = (HERE / "fence.lua").read_text()
@@ -127,11 +127,8 @@ class StateStore:
 
     async def _load_scripts(self) -> None:
         c = self.conn
-        if c.cluster:
-            from redis.asyncio.cluster import RedisCluster
-
-            nodes = RedisCluster.ALL_NODES
-            self._fence_sha = await c.call(c.client.script_load(FENCE_LUA, target_nodes=nodes), "SCRIPT LOAD")
+        if c.cluster:  # RedisCluster sends SCRIPT LOAD to every primary
+            self._fence_sha = await c.call(c.client.script_load(FENCE_LUA), "SCRIPT LOAD")
         else:
             self._fence_sha = await c.call(c.client.script_load(FENCE_LUA), "SCRIPT LOAD")
             self._load_sha = await c.call(c.client.script_load(LOAD_LUA), "SCRIPT LOAD")
@@ -359,6 +356,7 @@ class StateStore:
         rec["stream_id"] = stream_id
         rec["key"] = key
         rec["ttl"] = pttl / 1000.0 if pttl is not None and pttl >= 0 else None
+        rec["loaded_model"] = self.model_version
         return rec
 
     async def list(self, pattern: str = "*", limit: int = 50, *, scan: bool = False) -> list[dict[str, Any]]:

@@ -22,8 +22,7 @@ from typing import Any
 
 import orjson
 
-# Few reconnect attempts: a command line should fail fast when Redis is not there.
-RETRIES = 2
+# A command line fails fast when Redis is not there (the store itself never retries).
 TIMEOUT = 5.0
 
 
@@ -82,7 +81,7 @@ def _dump(doc: Any) -> None:
 async def _connect(url: str, *, num_layers: int | None = None, hidden_size: int | None = None) -> Any:
     from state.store import StateStore
 
-    return await StateStore.connect(url, num_layers=num_layers, hidden_size=hidden_size, retries=RETRIES,
+    return await StateStore.connect(url, num_layers=num_layers, hidden_size=hidden_size,
                                     timeout=TIMEOUT)
 
 
@@ -96,11 +95,14 @@ async def show(url: str, stream_id: str, model_dir: str) -> dict[str, Any]:
         rec = await store.get(stream_id)
     finally:
         await store.close()
-    if version is not None and rec.get("model") != version:
-        # Another model's (L, H) is unknown here: show h and c as one row rather than guess.
+    rec["loaded_model"] = version
+    if version is not None and rec.get("model") != version and rec.get("shape_from") == "model":
+        # An old hash (no layers/hidden fields) of another model: its (L, H) is unknown here,
+        # so h and c are shown as one row rather than guessed.
         for name in ("h", "c"):
             if rec.get(name) is not None:
                 rec[name] = rec[name].reshape(1, -1)
+        rec["shape_from"] = "unknown"
     return describe(rec)
 
 
@@ -112,7 +114,7 @@ def print_show(doc: Mapping[str, Any]) -> None:
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("key", doc["key"])
-    table.add_row("model", str(doc["model"]))
+    table.add_row("model", str(doc["model"]) + (f"  ({doc['model_note']})" if doc.get("model_note") else ""))
     table.add_row("steps", str(doc["steps"]))
     table.add_row("last position", f"partition {doc['partition']}, offset {doc['offset']}, index {doc['index']}")
     table.add_row("last event time", f"{_when(doc['ts'])}  (ts {doc['ts']})")
@@ -133,8 +135,12 @@ def print_show(doc: Mapping[str, Any]) -> None:
         if norms is not None:
             rows = doc[name]
             shape = f"{len(rows)} x {len(rows[0]) if rows else 0}"
+            shape += {"hash": "", "model": ", shape of the loaded model",
+                      "unknown": ", shape unknown: one row"}.get(doc.get("shape_from") or "", "")
             table.add_row(f"|{name}| per layer", f"{_vec(norms, 4)}  ({shape})")
-    Console(highlight=False).print(table)
+    console = Console(highlight=False)
+    console.width = max(console.width, 120)  # no terminal: rich assumes 80 columns and wraps the notes
+    console.print(table)
 
 
 async def list_streams(url: str, pattern: str, limit: int, scan: bool = False) -> list[dict[str, Any]]:

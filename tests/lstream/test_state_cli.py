@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kernels import detector
-from kernels.states import StreamStates
+from kernels.states import Positions, StreamStates
 from lstream.cli import main
 from lstream.devservices import free_port, start_redis
 from state.inspection import describe
@@ -35,8 +35,7 @@ def seed(url: str, ids: list[str], model: str = "m-cli") -> None:
         st.anomaly[:] = 0.0
         st.anomaly[:, :3] = [3.0, 0.2, 0.01]
         n = len(ids)
-        await store.save(ids, st, np.zeros(n, np.int64), np.arange(100, 100 + n), np.zeros(n, np.int64),
-                         np.full(n, 1732650000.25), [f"ev-{i}" for i in range(n)])
+        (await store.save(ids, st, Positions.build(np.zeros(n, np.int64), np.arange(100, 100 + n), np.zeros(n, np.int64), np.full(n, 1732650000.25), [f"ev-{i}" for i in range(n)]))).applied
         await store.close()
 
     asyncio.run(go())
@@ -74,7 +73,7 @@ def test_show_table_and_json(redis_url: str, model_dir: str, capsys: pytest.Capt
 
     # The same document the library gives (the worker's GET /streams/{id} uses describe too).
     async def lib() -> dict[str, Any]:
-        store = await StateStore.connect(redis_url, num_layers=L, hidden_size=H)
+        store = await StateStore.connect(redis_url, model_version="m-cli", num_layers=L, hidden_size=H)
         try:
             return describe(await store.get(sid))
         finally:
@@ -83,9 +82,37 @@ def test_show_table_and_json(redis_url: str, model_dir: str, capsys: pytest.Capt
     expected = asyncio.run(lib())
     assert {k: v for k, v in doc.items() if k != "age"} == {k: v for k, v in expected.items() if k != "age"}
 
-    # Without the model's shape h and c come as one row each.
+    # Without the model, h and c still take their stored shape (the hash's layers/hidden fields).
     rc, out, _ = cli(["state", "show", sid, "--json", "--model", str(Path(model_dir) / "missing")], redis_url, capsys)
-    assert rc == 0 and json.loads(out)["h"] == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]]
+    doc = json.loads(out)
+    assert rc == 0 and doc["h"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and doc["shape_from"] == "hash"
+
+
+def test_show_decodes_a_state_of_another_shape_from_its_fields(
+        redis_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 2 x 16 state written by hand with ``layers``/``hidden`` decodes exactly while a 2 x 32
+    model is loaded, and ``show`` says plainly that it belongs to another model version."""
+    import redis
+
+    from state import codec
+
+    sid = f"cli-{uuid.uuid4().hex[:8]}-other"
+    h = (np.arange(32, dtype=np.float32).reshape(2, 16) / 4).astype("<f4")
+    redis.Redis.from_url(redis_url).hset(codec.state_key(sid), mapping={
+        "h": h.tobytes(), "c": (-h).tobytes(), "pred": np.array([0.5], "<f4").tobytes(), "model": "m-small",
+        "steps": "3", "partition": "0", "offset": "9", "index": "0", "ts": "1700000000.0", "layers": "2",
+        "hidden": "16", "updated_at": "1700000001.0"})
+    (tmp_path / "model.json").write_text(json.dumps({"version": "m-big", "num_layers": 2, "hidden_size": 32}))
+    rc, out, err = cli(["state", "show", sid, "--json", "--model", str(tmp_path)], redis_url, capsys)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert np.array(doc["h"]).shape == (2, 16) and doc["h"] == h.tolist() and doc["c"] == (-h).tolist()
+    assert (doc["layers"], doc["hidden"], doc["shape_from"]) == (2, 16, "hash")
+    assert doc["model"] == "m-small" and doc["loaded_model"] == "m-big"
+    assert "belongs to model m-small, not the loaded model m-big" in doc["model_note"]
+    rc, out, err = cli(["state", "show", sid, "--model", str(tmp_path)], redis_url, capsys)
+    assert rc == 0, err
+    assert "(2 x 16)" in out and "not the loaded model m-big" in out
 
 
 def test_list_and_reset(redis_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -327,7 +327,7 @@ def test_two_writers_race_newest_wins(redis_url: str) -> None:
         for o in offsets:
             await asyncio.sleep(float(rng.uniform(0, 0.002)))
             perm = rng.permutation(n)
-            (await store.save([ids[i] for i in perm], filled(n, float(o), steps=o), Positions.build(np.zeros(n, np.int64), np.full(n, o), np.zeros(n, np.int64), np.full(n, float(o)), None))).applied
+            await store.save([ids[i] for i in perm], filled(n, float(o), steps=o), Positions.build(np.zeros(n, np.int64), np.full(n, o), np.zeros(n, np.int64), np.full(n, float(o)), None))
 
     async def go() -> tuple[Any, Any, Any]:
         a, b = await aconnect(redis_url), await aconnect(redis_url)
@@ -385,7 +385,7 @@ def test_index_trim_by_age_and_cap(redis_url: str) -> None:
     async def go() -> tuple[Any, Any]:
         store = await aconnect(redis_url, prefix=prefix, ttl=100.0, index_cap=5, clock=lambda: now[0])
         for k in range(8):
-            (await store.save([f"{t}-{k}"], filled(1, k), Positions.build(arr(0), arr(1), arr(0), [1.0], None))).applied
+            await store.save([f"{t}-{k}"], filled(1, k), Positions.build(arr(0), arr(1), arr(0), [1.0], None))
             now[0] += 2.0  # trims run at most once a second of the store's clock
         members = redis.Redis.from_url(redis_url).zrange(store.index, 0, -1)
         now[0] += 200.0
@@ -450,7 +450,7 @@ def test_list_reset_and_get_errors(redis_url: str) -> None:
         store = await aconnect(redis_url, clock=lambda: now[0])
         for k in range(4):
             now[0] += 1
-            (await store.save([f"{t}-{k}"], filled(1, k), Positions.build(arr(0), arr(k), arr(0), [float(k)], None))).applied
+            await store.save([f"{t}-{k}"], filled(1, k), Positions.build(arr(0), arr(k), arr(0), [float(k)], None))
         top2 = await store.list(pattern=f"{t}-*", limit=2)
         only1 = await store.list(pattern=f"{t}-1")
         existed = await store.reset(f"{t}-3")
