@@ -12,7 +12,6 @@ docs/exactly-once.md.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from kernels.engine import Engine
-from kernels.states import StreamStates
+from kernels.states import Positions, StreamStates
+from state.loaded import Loaded
 from worker import events as ev
 from worker.cache import StateCache
 from worker.compute import Computed, compute
@@ -91,33 +91,20 @@ class Prepared:
     seconds: dict[str, float]
 
 
-def _start_of(loaded: Any) -> Start:
+def _start_of(loaded: Loaded) -> Start:
     """The positions a store load returned, as :class:`worker.plan.Start`."""
-    pos = getattr(loaded, "positions", None) or loaded
-    n = len(loaded.found)
-    unreadable: list[str | None] = [None] * n
-    got = getattr(loaded, "unreadable", None)
-    if isinstance(got, dict):
-        for i, why in got.items():
-            unreadable[int(i)] = str(why)
-    elif got is not None:
-        for i, why in enumerate(list(got)):
-            if isinstance(why, (bool, np.bool_)):
-                unreadable[i] = "an unreadable hash" if why else None
-            elif why:
-                unreadable[i] = str(why)
-    return Start(np.asarray(pos.partition), np.asarray(pos.offset), np.asarray(pos.index), np.asarray(pos.ts),
-                 list(pos.event_id), np.asarray(loaded.found), np.asarray(loaded.reset), unreadable)
+    pos = loaded.positions
+    return Start(pos.partition, pos.offset, pos.index, pos.ts, list(pos.event_id), loaded.found, loaded.reset,
+                 list(loaded.unreadable))
 
 
-def _landed(result: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(landed, ours) masks from a store save result: landed = applied now or already ours (a
-    retry whose first attempt had landed), ours = the latter."""
-    if isinstance(result, np.ndarray) and result.dtype == bool:
-        return result, np.zeros(n, bool)
-    applied = np.asarray(result.applied, bool)
-    ours = np.asarray(getattr(result, "ours", getattr(result, "already", np.zeros(n, bool))), bool)
-    return applied | ours, ours & ~applied
+def _landed(result: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(landed, ours) masks from a store save result (:class:`state.saved.Saved`): landed =
+    applied now or already ours (a retry whose first attempt had landed), ours = the latter."""
+    from state.saved import ALREADY
+
+    landed = np.asarray(result.applied, bool).copy()
+    return landed, np.asarray(result.code) == ALREADY
 
 
 class Pipeline:
@@ -158,8 +145,6 @@ class Pipeline:
         # The batch being finished in the background (see submit) and the streams it touched.
         self._tail: asyncio.Future[Any] | None = None
         self._tail_ids: frozenset[str] = frozenset()
-        inner = getattr(store, "_store", store)  # under a wrapper such as worker.health.TimedStore
-        self._new_save = store is not None and "positions" in inspect.signature(inner.save).parameters
 
     # ------------------------------------------------------------ scheduling
 
@@ -449,13 +434,7 @@ class Pipeline:
 
         async def op() -> Any:
             t = time.perf_counter()
-            if self._new_save:
-                from kernels.states import Positions
-
-                got = await self.store.save(ids, states, Positions.build(parts, offs, idxs, ts, eids))
-            else:
-                got = await self.store.save(ids, states, np.array(parts, np.int64), np.array(offs, np.int64),
-                                            np.array(idxs, np.int64), np.array(ts, np.float64), eids)
+            got = await self.store.save(ids, states, Positions.build(parts, offs, idxs, ts, eids))
             self.metrics.redis_rtt.observe(time.perf_counter() - t, op="save")
             return got
 
@@ -474,7 +453,7 @@ class Pipeline:
             rows = np.arange(len(ids))
             return np.concatenate([await self._save(ids[:half], states.take(rows[:half]), last[:half]),
                                    await self._save(ids[half:], states.take(rows[half:]), last[half:])])
-        landed, ours = _landed(result, len(ids))
+        landed, ours = _landed(result)
         if not landed.all():
             # A refusal is another worker's newer position, unless the stored position is
             # exactly ours: then a first attempt whose reply was lost had landed (issue 12.8).
