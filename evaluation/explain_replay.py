@@ -105,8 +105,8 @@ def write_csv(trace: Trace, path: str | os.PathLike[str], long: float = LONG_MEM
             if "," in stamp or '"' in stamp:
                 stamp = '"' + stamp.replace('"', '""') + '"'
             cells = [stamp]
-            for arr in (s.values, r.expected, r.forecast):
-                cells += [_cell(v) for v in arr[i]]
+            for arr in (s.values, r.expected, r.forecast):  # as evaluation.replay.write_csv writes them
+                cells += [repr(float(v)) if np.isfinite(v) else "" for v in arr[i]]
             cells += [repr(float(r.score[i])), "1" if r.anomaly[i] else "0"]
             cells += [_cell(col[i]) for col in summ.values()]
             fh.write(",".join(cells) + "\n")

@@ -58,13 +58,13 @@ async def explain(url: str, model_dir: str, stream_id: str, next_value: Any = No
     """Connect to Redis at ``url``, load the model at ``model_dir`` and explain one stream."""
     from kernels import load_model
     from kernels.engine import Engine
-    from lstream.commands.state import RETRIES, TIMEOUT
+    from lstream.commands.state import TIMEOUT
     from state.store import StateStore
 
     model = load_model(model_dir)
     store = await StateStore.connect(url, model_version=model.version, num_layers=model.num_layers,
                                      hidden_size=model.hidden_size, input_size=model.input_size, policy="refuse",
-                                     retries=RETRIES, timeout=TIMEOUT)
+                                     timeout=TIMEOUT)
     try:
         return await explain_stored(store, Engine(model), stream_id, next_value)
     finally:

@@ -195,3 +195,78 @@ def test_recorder_passes_everything_through() -> None:
     assert np.all(h0 == 0) and np.any(h != 0) and np.array_equal(rec.outputs[0], y)
     step = gates(model.packed, x0, h0, c0)
     assert np.allclose(step.h, h, atol=1e-6)
+
+
+def test_replay_explain_writes_gate_summaries_and_plot(model_dir: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from evaluation.explain_replay import explain_series
+    from series.csvdata import read_streams
+
+    vals = level_shift(200, 120)[:, 0]
+    csv = tmp_path / "pump-1.csv"
+    csv.write_text("timestamp,value\n" + "".join(f"2024-01-01 {k // 60:02d}:{k % 60:02d}:00,{float(v)!r}\n"
+                                                  for k, v in enumerate(vals)))
+    out, ex = tmp_path / "out", tmp_path / "ex"
+    rc = main(["replay", str(csv), "--model", model_dir, "--out", str(out), "--explain", str(ex)], env={})
+    assert rc == 0, capsys.readouterr().err
+    plain = (out / "pump-1.csv").read_text().splitlines()
+    rows = (ex / "pump-1.explain.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:6] == ["timestamp", "actual", "expected", "forecast", "score", "anomaly"]
+    assert {f"f_median_l{k}" for k in range(L)} | {f"horizon_median_l{k}" for k in range(L)} <= set(header)
+    assert len(rows) == len(vals) + 1
+    # The replay's own columns are the plain replay's, number for number.
+    assert [r.split(",")[:6] for r in rows] == [r.split(",")[:6] for r in plain]
+    png = ex / "pump-1.explain.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000
+    # The per-step summaries are the gates of the engine's own steps.
+    series = read_streams([str(csv)])[0]
+    tr = explain_series(Engine(load_model(model_dir)), series)
+    assert tr.engine_diff < 1e-5
+    col = header.index("f_median_l1")
+    got = np.array([float(r.split(",")[col]) for r in rows[1:]])
+    assert np.allclose(got, np.median(tr.step.f[:, 1], axis=1))
+    rc = main(["replay", str(csv), "--model", model_dir], env={})
+    assert rc == 2 and "--explain DIR" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_worker_route_agrees_with_cli(broker_url: str, redis_url: str, model_dir: str, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A real ``lstream worker`` on a real broker and Redis: GET /streams/{id}/explain (an id with
+    '/', ':' and '@') gives the CLI's document; GET /streams/{id} is not shadowed."""
+    import urllib.parse
+
+    import orjson
+
+    from tests import kafkautil as ku
+    from tests.worker.test_worker_e2e import Worker, _topics
+
+    sid = f"ex{uuid.uuid4().hex[:6]}/line.5:pump_a@site-5"
+    topics = _topics("explain")
+    vals = level_shift(120, 80)[:, 0]
+    ku.create_topics(broker_url, list(topics.values()), 4)
+    ku.produce(broker_url, topics["input"], [(sid.encode(), orjson.dumps({"stream_id": sid, "ts": 1.7e9 + 60 * k,
+                                                                           "values": [float(v)]}))
+                                              for k, v in enumerate(vals)])
+    w = Worker(broker_url, redis_url, model_dir, topics, f"explain-{uuid.uuid4().hex[:6]}", tmp_path / "worker.log")
+    try:
+        w.wait_metric("lstream_events_applied_total", len(vals), timeout=120)
+        path = "/streams/" + urllib.parse.quote(sid, safe="/:@")
+        status, body, ctype = w.get(path + "/explain")
+        assert status == 200 and "json" in ctype, body[:300]
+        via_http = json.loads(body)
+        status, body, _ = w.get(path + "/explain?next=-40")
+        assert status == 200, body[:300]
+        given_http = json.loads(body)
+        status, body, _ = w.get(path)
+        assert status == 200 and json.loads(body)["stream_id"] == sid
+        assert w.get("/streams/nothing-here/explain")[0] == 404
+    finally:
+        w.stop()
+    rc, out, err = cli(["state", "explain", sid, "--json", "--model", model_dir], redis_url, capsys)
+    assert rc == 0, err
+    assert json.loads(out) == via_http and via_http["steps"] == len(vals)
+    rc, out, err = cli(["state", "explain", sid, "--json", "--model", model_dir, "--next", "-40"], redis_url, capsys)
+    assert rc == 0, err
+    assert json.loads(out) == given_http and given_http["compare"] is not None
