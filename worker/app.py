@@ -142,6 +142,7 @@ class Runtime:
         """Create missing topics and connect to Redis, waiting for each with backoff."""
         from state.store import StateStore
         from worker.emit import BatchSender
+        from worker.events import Limits
         from worker.kafka import ensure_topics
         from worker.pipeline import Pipeline
 
@@ -157,7 +158,11 @@ class Runtime:
         self.store = TimedStore(store, s.redis_timeout, self.metrics)
         self.pipeline = Pipeline(self.engine, self.store, self.emit, topics=self.topics, metrics=self.metrics,
                                  max_bytes=s.max_message_bytes, policy=s.model_policy,
-                                 redis_outage=self.redis_outage, broker_outage=self.broker_outage)
+                                 redis_outage=self.redis_outage, broker_outage=self.broker_outage,
+                                 cache=s.state_cache_entries, offset_regression=s.offset_regression,
+                                 max_record=s.max_record_bytes,
+                                 limits=Limits.for_model(dict(m.norm), m.input_size, max_value=s.max_value,
+                                                         max_skew=s.max_ts_skew))
         self.ready = True
         self.startup.step("partition assignment")
         log.info("lstream worker ready: model %s (%d feature(s), %d x %d LSTM), input %r, redis %s",
@@ -169,10 +174,6 @@ class Runtime:
         """Send all records, one record batch per (topic, partition), and wait until the broker
         has acknowledged every one (see :class:`worker.emit.BatchSender`); longer than
         ``broker_timeout`` raises TimeoutError (an outage: retried, nothing acknowledged)."""
-        if self.sender is None:
-            from worker.emit import BatchSender
-
-            self.sender = await BatchSender.start(self.settings.broker)
         # shield: a send that outlives its deadline still completes (a retry repeats it: outputs
         # are at least once) rather than being cut in the middle of a record batch.
         await asyncio.wait_for(asyncio.shield(self.sender.send(records)), self.settings.broker_timeout)
@@ -259,6 +260,11 @@ class Runtime:
         sc.add("counter", "lstream_state_resets", "Stored states found unusable since start: kind=model (another "
                "model version) or detector (another detector layout: its statistics restart).", ("kind",),
                self.resets)
+        sc.add("counter", "lstream_faults", "Deterministic failures lived through (worker/pipeline.py Faults): "
+               "failed and bad_state events dead-lettered, streams restarted after a non-finite step, offset "
+               "regressions, records or saves given up.", ("kind",), self.faults)
+        sc.add("counter", "lstream_state_cache_evictions", "Held stream states evicted to stay within "
+               "state_cache_entries (least recently used first).", (), self.evictions)
         sc.add("gauge", "lstream_starting", "1 while the worker waits for a start-up step (waiting_for), else 0.",
                ("waiting_for",), self.starting)
 
@@ -298,6 +304,17 @@ class Runtime:
     def held(self) -> dict[tuple[str, ...], float]:
         cache = getattr(self.pipeline, "cache", None)
         return {(): float(len(cache) if cache is not None else 0)}
+
+    def faults(self) -> dict[tuple[str, ...], float]:
+        f = getattr(self.pipeline, "faults", None)
+        if f is None:
+            return {}
+        return {(k,): float(getattr(f, k)) for k in ("failed", "bad_state", "restarted", "regressed", "unsent",
+                                                     "unsaved")}
+
+    def evictions(self) -> dict[tuple[str, ...], float]:
+        cache = getattr(self.pipeline, "cache", None)
+        return {(): float(cache.evictions if cache is not None else 0)}
 
     def active(self) -> dict[tuple[str, ...], float]:
         cur, prev, since = self._active

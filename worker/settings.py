@@ -60,6 +60,11 @@ class Settings:
     threshold: float | None = None  # anomaly threshold; None takes the model's default
     calm_steps: int | None = None  # steps under threshold that end an episode; None: model default
     max_message_bytes: int = 1_000_000
+    max_record_bytes: int = 1_000_000  # bytes a dead letter may take (key + value; Kafka's default limit is ~1 MB)
+    max_value: float = 1e30  # largest |reading| accepted (tighter under global normalisation): docs/exactly-once.md
+    max_ts_skew: float = 86400.0  # seconds an event time may lie past the worker's clock (earlier than 1970: bad_ts)
+    offset_regression: str = "skip"  # events behind their stream's stored position yet newer: skip | apply
+    state_cache_entries: int = 50_000  # stream states held in memory (least recently used evicted); 0: none
     log_level: str = "info"
     data_dir: str = ""  # Faust's local data directory; empty: a temporary one
 
@@ -114,6 +119,8 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"redis url: expected redis:// or rediss://, got {s.redis_url!r}")
     if s.model_policy not in ("reset", "refuse"):
         raise SettingsError(f"model policy: expected 'reset' or 'refuse', got {s.model_policy!r}")
+    if s.offset_regression not in ("skip", "apply"):
+        raise SettingsError(f"offset regression: expected 'skip' or 'apply', got {s.offset_regression!r}")
     if s.batch_size < 1:
         raise SettingsError(f"batch size: expected at least 1, got {s.batch_size}")
     if s.batch_wait < 0 or s.session_timeout <= 0 or s.state_ttl < 0:
