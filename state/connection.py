@@ -38,8 +38,10 @@ from state.errors import StateAuthError, StateError, StateUnavailable
 
 T = TypeVar("T")
 # Error replies that mean "not now": the server is loading, busy, failing over, or the cluster
-# is reconfiguring. READONLY: a primary turned replica during a failover.
-TRANSIENT_REPLIES = ("BUSY", "LOADING", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "READONLY", "MOVED", "ASK ")
+# is reconfiguring. READONLY: a primary turned replica during a failover. OOM: maxmemory reached
+# under noeviction (docs/operations.md): retried until memory is freed or raised, never dead-lettered.
+TRANSIENT_REPLIES = ("BUSY", "LOADING", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "READONLY", "MOVED", "ASK ",
+                     "OOM")
 AUTH_REPLIES = ("NOAUTH", "WRONGPASS", "NOPERM")
 
 
