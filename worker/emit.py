@@ -21,9 +21,8 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+from worker.encode import Output
 from worker.kafka import bootstrap
-
-Record = tuple[str, bytes | None, bytes]
 
 
 def partition_for(key: bytes | None, partitions: Sequence[int]) -> int:
@@ -73,7 +72,7 @@ class BatchSender:
             self._cache[(topic, key)] = p
         return p
 
-    async def send(self, records: Sequence[Record]) -> None:
+    async def send(self, records: Sequence[Output]) -> None:
         groups: dict[tuple[str, int], list[tuple[bytes | None, bytes]]] = {}
         cache = self._cache
         last_key: Any = None
