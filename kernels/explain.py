@@ -312,7 +312,7 @@ def explain_step(engine: Any, states: Any, next_value: Any = None, ts: float | N
     if next_value is not None and expected is not None and np.all(np.isfinite(expected)):
         base = _run(engine, states, np.asarray(expected, np.float64), tsa)
         compare = _compare(base, run, long, top)
-        lines.append(compare["line"])
+        lines += compare["lines"]
     summary["lines"] = lines
     doc["summary"] = summary
     doc["compare"] = compare
@@ -354,12 +354,14 @@ def _compare(base: dict[str, Any], given: dict[str, Any], long: float, top: int)
     layers = [{"layer": layer, "median_horizon_at_forecast": _js(np.median(hz_b[layer])),
                "median_horizon_given": _js(np.median(hz_g[layer]))} for layer in range(len(hz_b))]
     fc = given["forecast"] - base["forecast"]
-    line = (f"vs the forecast as next reading: forecast {_fmt(_js(fc))} ({_fmt(_js(base['forecast']))} -> "
-            f"{_fmt(_js(given['forecast']))}), score {base['score']:.3f} -> {given['score']:.3f}; "
-            f"horizons collapse: {_units(collapsed)}; latch: {_units(latched)}; cells moved most: "
-            + ", ".join(f"L{u['layer']}/{u['unit']} ({u['c_change']:+.3g})" for u in units))
+    lines = [f"vs the forecast as next reading: forecast {_fmt(_js(base['forecast']))} -> "
+             f"{_fmt(_js(given['forecast']))} (change {_fmt(_js(fc))}), score {base['score']:.3f} -> "
+             f"{given['score']:.3f}",
+             f"  horizons collapse: {_units(collapsed)}",
+             f"  horizons latch: {_units(latched)}",
+             "  cells moved most: " + ", ".join(f"L{u['layer']}/{u['unit']} ({u['c_change']:+.3g})" for u in units)]
     return {"forecast_at_forecast": _js(base["forecast"]), "forecast_given": _js(given["forecast"]),
             "forecast_change": _js(fc), "score_at_forecast": base["score"], "score_given": given["score"],
             "anomaly_at_forecast": base["anomaly"], "anomaly_given": given["anomaly"],
             "collapsed": collapsed, "latched": latched, "layers": layers, "units": units,
-            "f_change": _js(df), "c_change": _js(dc), "line": line}
+            "f_change": _js(df), "c_change": _js(dc), "lines": lines}
