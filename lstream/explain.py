@@ -171,6 +171,9 @@ def run_explain(args: Any, url: str, model_dir: str) -> int:
     else:
         print_table(doc, units=args.units)
     if args.plot:
-        plot(doc, args.plot)
+        try:
+            plot(doc, args.plot)
+        except ImportError as exc:
+            raise CliError(f"--plot needs matplotlib ({exc}): pip install 'lstream[train]'") from None
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
