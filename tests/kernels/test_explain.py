@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kernels import load_model
 from kernels.engine import Engine
-from kernels.explain import Recorder, gates, head, horizon, shares
+from kernels.explain import Recorder, gates, head, horizon, recording, shares
 from kernels.lstm import pack
 from tests.workerutil import ROOT
 
@@ -157,3 +157,56 @@ def test_horizon_and_shape_errors() -> None:
         gates(p, np.zeros((1, 2)), np.zeros((1, 1, 2)), np.zeros((1, 1, 2)))
     with pytest.raises(ValueError, match=r"c: expected shape \(1, 1, 2\), got \(1, 2\)"):
         gates(p, np.zeros((1, 1)), np.zeros((1, 1, 2)), np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("residual_adapt", [False, True])
+def test_explain_step_follows_the_engine(tmp_path: Path, residual_adapt: bool) -> None:
+    """Two features; with and without a residual head and per-stream adaptation: the explained
+    step is the engine's (same input, new state, forecast), the state is untouched, and the
+    shares are head differences in sensor units."""
+    import json
+
+    from kernels.explain import explain_step
+    from tests.workerutil import small_model
+
+    d = small_model(tmp_path, hidden=5, layers=2, features=2, seed=7)
+    if residual_adapt:
+        meta = json.loads((tmp_path / "model.json").read_text())
+        meta.update(residual=True, adapt={"enabled": True})
+        (tmp_path / "model.json").write_text(json.dumps(meta))
+    model = load_model(d)
+    engine = Engine(model)
+    assert bool(getattr(engine, "residual", False)) == residual_adapt
+    st = engine.new_states(1)
+    with pytest.raises(ValueError, match="no forecast yet"):
+        explain_step(engine, st)
+    for k in range(120):
+        engine.advance(st, np.array([[np.sin(k / 5), 10 + np.cos(k / 7)]]), np.array([1.7e9 + 60 * k]))
+    before = st.take(slice(None))
+    doc = explain_step(engine, st)
+    given = explain_step(engine, st, [3.0, 4.0])
+    for f in ("h", "c", "norm", "anomaly", "pred", "steps"):
+        assert np.array_equal(getattr(st, f), getattr(before, f), equal_nan=True), f  # nothing changed
+    assert doc["next_is_forecast"] and doc["compare"] is None and doc["next"] == doc["expected"]
+    assert given["compare"]["forecast_at_forecast"] == pytest.approx(doc["forecast"])
+    assert np.array(given["share"]).shape == (2, 5, 2) and np.array(given["gates"]["f"]).shape == (2, 5)
+    # Independently: the engine on a copy, then the head on the explained h.
+    eng, rec = recording(engine)
+    after = st.take(slice(None))
+    out = eng.advance(after, np.array([[3.0, 4.0]]))
+    z = rec.calls[0][0][0].astype(np.float64)
+    assert given["forecast"] == pytest.approx(out.forecast[0].tolist(), abs=1e-9)
+    np.testing.assert_allclose(given["h"], after.h[0], atol=TOL)
+    mean, std = engine.normalizer.current(after.norm)
+    y = head(model.packed, np.array(given["h"])[-1]) + (z if residual_adapt else 0.0)
+    np.testing.assert_allclose(given["lstm_forecast"], y * std[0] + mean[0], rtol=1e-5, atol=1e-5)
+    top = np.array(given["h"])[-1]
+    for j in range(5):
+        zeroed = top.copy()
+        zeroed[j] = 0.0
+        want = (head(model.packed, zeroed) - head(model.packed, top)) * std[0]
+        np.testing.assert_allclose(given["share"][1][j], want, atol=1e-9)
+    with pytest.raises(ValueError, match=r"expected 2 finite number\(s\) \(f0, f1\), got \[1.0\]"):
+        explain_step(engine, st, [1.0])
+    with pytest.raises(ValueError, match="expected 2 finite"):
+        explain_step(engine, st, [1.0, float("nan")])
