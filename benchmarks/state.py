@@ -11,6 +11,7 @@ one save of n streams:
 Methods:
 
 * ``store``: :meth:`StateStore.load` + :meth:`StateStore.save` (the product's path);
+* ``store-save``: :meth:`StateStore.save` alone (the save's own server cost);
 * ``redis-py``: the same fenced load + save done the obvious way with redis-py's own
   ``pipeline(transaction=False)``: one ``HMGET`` per stream, then one ``Script`` call
   (``EVALSHA``) per stream running a one-key fence (the layout of ``state/fence.lua`` before the
@@ -24,6 +25,7 @@ Run ``python -m benchmarks.state`` (starts its own redis-server; ``--cluster`` s
 3-primary Redis Cluster instead) or pass ``--redis-url``.
 """
 
+# ruff: noqa: B023  (each method body is defined and run within one iteration of the sizes loop)
 from __future__ import annotations
 
 import argparse
@@ -67,8 +69,13 @@ READ_FIELDS = ("h", "c", "pred", "model", "steps", "partition", "offset", "index
                "anomaly", "episode", "updated_at")
 
 
+def _fresh(n: int) -> StreamStates:
+    """States of a model without per-stream adaptation (as the default model): no ``adapt`` values."""
+    return StreamStates.zeros(n, LAYERS, HIDDEN, FEATURES, adapt=0)
+
+
 def _states(n: int, rng: np.random.Generator) -> StreamStates:
-    st = StreamStates.zeros(n, LAYERS, HIDDEN, FEATURES)
+    st = _fresh(n)
     st.h[:] = rng.standard_normal(st.h.shape)
     st.c[:] = rng.standard_normal(st.c.shape)
     st.pred[:] = rng.standard_normal(st.pred.shape)
@@ -89,7 +96,7 @@ def _blobs(st: StreamStates) -> list[bytes]:
 
 def _unblob(blobs: Sequence[bytes], n: int) -> StreamStates:
     raw = np.frombuffer(b"".join(blobs), np.uint8).reshape(n, -1)
-    st = StreamStates.zeros(n, LAYERS, HIDDEN, FEATURES)
+    st = _fresh(n)
     pos = 0
     for arr in (st.h, st.c, st.pred, st.norm, st.anomaly, st.steps, st.episode):
         width = arr[0].nbytes
@@ -100,7 +107,7 @@ def _unblob(blobs: Sequence[bytes], n: int) -> StreamStates:
 
 def _decode_rows(rows: Sequence[Sequence[bytes | None]], n: int) -> StreamStates:
     """HMGET rows (READ_FIELDS order) -> states, the way a careful client would (numpy joins)."""
-    st = StreamStates.zeros(n, LAYERS, HIDDEN, FEATURES)
+    st = _fresh(n)
     cols = list(zip(*rows))
     for name, col in (("h", 0), ("c", 1), ("pred", 2), ("norm", 10), ("anomaly", 11)):
         dest = getattr(st, name)
@@ -155,7 +162,7 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                methods: Sequence[str]) -> list[Row]:
     rng = np.random.default_rng(0)
     store = await StateStore.connect(url, model_version="m-bench", num_layers=LAYERS, hidden_size=HIDDEN,
-                                     input_size=FEATURES, prefix="lstream-bench")
+                                     input_size=FEATURES, prefix="lstream-bench", fresh=_fresh)
     client: Any = RedisCluster.from_url(url) if cluster else aioredis.from_url(url)
     fence = client.register_script(PER_STREAM_FENCE)
     server = Server(node_urls)
@@ -165,6 +172,7 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
     try:
         for n in sizes:
             ids = [f"bench-{n}-{i}" for i in range(n)]
+            sids = [f"bench-save-{n}-{i}" for i in range(n)]  # streams of the save-only rows
             keys = [f"lstream-bench:blob:{{{s}}}" for s in ids]
             pkeys = [f"lstream-bench:py:{{{s}}}" for s in ids]
             st = _states(n, rng)
@@ -183,6 +191,13 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                 pos = Positions.build(zero, np.full(n, r + 10, np.int64), zero, ts + r + 10,
                                       [f"{e}-{r}" for e in eids])
                 saved = await store.save(ids, loaded.states, pos)
+                if not saved.applied.all():
+                    raise RuntimeError(f"bench: {int((~saved.applied).sum())} saves refused at rep {r}")
+
+            async def save_only(r: int) -> None:
+                pos = Positions.build(zero, np.full(n, r + 10, np.int64), zero, ts + r + 10,
+                                      [f"{e}-s{r}" for e in eids])
+                saved = await store.save(sids, st, pos)
                 if not saved.applied.all():
                     raise RuntimeError(f"bench: {int((~saved.applied).sum())} saves refused at rep {r}")
 
@@ -223,7 +238,8 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                 for k, b in zip(keys, _blobs(loaded)):
                     await client.set(k, b)
 
-            bodies = {"store": fenced, "redis-py": pyredis, "mget/mset": plain, "get+set": single}
+            bodies = {"store": fenced, "store-save": save_only, "redis-py": pyredis, "mget/mset": plain,
+                      "get+set": single}
             chosen = [(m, bodies[m]) for m in methods if not (cluster and m == "get+set")]
             for _, body in chosen:
                 await body(-1)  # warm up: connections, scripts, caches
@@ -239,7 +255,7 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
             await client.delete(*keys) if not cluster else [await client.delete(k) for k in keys]
             for k in pkeys:
                 await client.delete(k)
-            for s_id in ids:
+            for s_id in ids + sids:
                 await store.reset(s_id)
     finally:
         await client.aclose()
@@ -306,7 +322,7 @@ def start_cluster(primaries: int = 3) -> Iterator[list[str]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-METHODS = ("store", "redis-py", "mget/mset", "get+set")
+METHODS = ("store", "store-save", "redis-py", "mget/mset", "get+set")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

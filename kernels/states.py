@@ -201,7 +201,7 @@ class Positions:
         ts_arr = np.asarray(ts, dtype=np.float64)
         if ts_arr.shape != (n,):
             raise ValueError(f"positions: ts: expected {n} event times, got shape {ts_arr.shape}")
-        eids = [None] * n if event_id is None else [e or None for e in event_id]
+        eids: list[str | None] = [None] * n if event_id is None else [e or None for e in event_id]
         if len(eids) != n:
             raise ValueError(f"positions: event_id: expected {n}, got {len(eids)}")
         return cls(cols[0], cols[1], cols[2], ts_arr, eids)
@@ -222,5 +222,7 @@ class Positions:
 
     @classmethod
     def concat(cls, parts: Sequence[Positions]) -> Positions:
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("partition", "offset", "index", "ts")),
-                   [e for p in parts for e in p.event_id])
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        return cls(cat("partition"), cat("offset"), cat("index"), cat("ts"), [e for p in parts for e in p.event_id])

@@ -17,6 +17,15 @@ if #ARGV ~= base + width * #KEYS then
   return redis.error_reply('ERR lstream fence: expected ' .. (base + width * #KEYS) .. ' arguments for ' ..
     #KEYS .. ' streams, got ' .. #ARGV)
 end
+-- One argument table for every HSET of the call: the names and the call's common values are
+-- set once, a stream's own values overwrite their slots (no table built per stream).
+local args = {'partition', '', 'offset', '', 'index', '', 'ts', '', 'model', model, 'layers', layers,
+              'hidden', hidden, 'layout', layout, 'updated_at', updated}
+for j = 1, k do
+  args[17 + 2 * j] = ARGV[1 + j]
+end
+local last = 18 + 2 * k
+args[last + 1] = 'event_id'
 local out = {}
 for i = 1, #KEYS do
   local key, a = KEYS[i], base + (i - 1) * width
@@ -41,19 +50,17 @@ for i = 1, #KEYS do
     end
   end
   if code == 1 then
-    local args = {'partition', ps, 'offset', os, 'index', is, 'ts', ts, 'model', model, 'layers', layers,
-                  'hidden', hidden, 'layout', layout, 'updated_at', updated}
+    args[2], args[4], args[6], args[8] = ps, os, is, ts
     for j = 1, k do
-      args[17 + 2 * j] = ARGV[1 + j]
       args[18 + 2 * j] = ARGV[a + 5 + j]
     end
     if eid ~= '' then
-      args[#args + 1] = 'event_id'
-      args[#args + 1] = eid
-    elseif cur[5] then
-      redis.call('HDEL', key, 'event_id')
+      args[last + 2] = eid
+      redis.call('HSET', key, unpack(args, 1, last + 2))
+    else
+      if cur[5] then redis.call('HDEL', key, 'event_id') end
+      redis.call('HSET', key, unpack(args, 1, last))
     end
-    redis.call('HSET', key, unpack(args))
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) elseif cur[1] or cur[2] then redis.call('PERSIST', key) end
   end
   out[i] = code

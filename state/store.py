@@ -26,6 +26,7 @@ Example (needs a running Redis, so not run as a doctest)::
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import math
 import time
@@ -202,18 +203,18 @@ class StateStore:
         self.loads += n
         self.resets += int(loaded.reset.sum())
         self.unreadable += sum(u is not None for u in loaded.unreadable)
-        for name, k in loaded.layout_resets.items():
-            self.layout_resets[name] = self.layout_resets.get(name, 0) + k
+        for name, count in loaded.layout_resets.items():
+            self.layout_resets[name] = self.layout_resets.get(name, 0) + int(count)
         return loaded
 
     def _shape(self) -> tuple[int, int]:
         return int(self.num_layers or 0), int(self.hidden_size or 0)
 
-    async def _evalsha_load(self, keys: list[str]) -> list[Any]:
+    async def _evalsha_load(self, keys: builtins.list[str]) -> builtins.list[Any]:
         c = self.conn
         for _ in range(2):
             try:
-                return await c.call(c.client.evalsha(self._load_sha, len(keys), *keys, *ROW_FIELDS), "load")  # type: ignore[no-any-return]
+                return await c.call(c.client.evalsha(self._load_sha, len(keys), *keys, *ROW_FIELDS), "load")
             except StateError as exc:
                 if not isinstance(exc.__cause__, NoScriptError):
                     raise
@@ -276,7 +277,7 @@ class StateStore:
                 flat = np.ascontiguousarray(arr, dtype=spec.dtype).reshape(n, -1)
                 blob = flat.tobytes()
                 w = flat.shape[1] * flat.itemsize
-                cols.append([blob[i:i + w] for i in range(0, n * w, w)])
+                cols.append([blob[i:i + w] for i in range(0, n * w, w)] if w else [b""] * n)
         head = [len(names), *names, self._model_b, self.num_layers, self.hidden_size, self._layout_b,
                 repr(now), round(self.ttl * 1000)]
         return head, [list(r) for r in zip(*cols)]
@@ -359,7 +360,7 @@ class StateStore:
         rec["loaded_model"] = self.model_version
         return rec
 
-    async def list(self, pattern: str = "*", limit: int = 50, *, scan: bool = False) -> list[dict[str, Any]]:
+    async def list(self, pattern: str = "*", limit: int = 50, *, scan: bool = False) -> builtins.list[dict[str, Any]]:
         """Streams whose id matches ``pattern`` (glob), most recently updated first.
 
         From the index; entries whose hash has gone (expired or deleted) are removed on the way.
@@ -369,7 +370,7 @@ class StateStore:
         if scan:
             return await self._list_scan(pattern, limit)
         c = self.conn
-        out: list[dict[str, Any]] = []
+        out: builtins.list[dict[str, Any]] = []
         start, chunk = 0, max(100, 2 * limit)
         while len(out) < limit:
             entries = await c.call(c.client.zrevrange(self.index, start, start + chunk - 1), "ZREVRANGE")
@@ -388,13 +389,13 @@ class StateStore:
                 start -= len(gone)
         return out[:limit]
 
-    async def _summaries(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+    async def _summaries(self, ids: Sequence[str]) -> builtins.list[dict[str, Any] | None]:
         c = self.conn
         pipe = c.client.pipeline(transaction=False) if not c.cluster else c.client.pipeline()
         for k in self._key_list(ids):
             pipe.hmget(k, self.SUMMARY)
         rows = await c.call(pipe.execute(), "HMGET")
-        out: list[dict[str, Any] | None] = []
+        out: builtins.list[dict[str, Any] | None] = []
         for s, row in zip(ids, rows):
             if all(v is None for v in row):
                 out.append(None)
@@ -403,11 +404,11 @@ class StateStore:
             out.append({**{k: rec.get(k) for k in self.SUMMARY}, "stream_id": s})
         return out
 
-    async def _list_scan(self, pattern: str, limit: int) -> list[dict[str, Any]]:
+    async def _list_scan(self, pattern: str, limit: int) -> builtins.list[dict[str, Any]]:
         c = self.conn
         match = codec.state_key(pattern, self.prefix)
 
-        async def keys() -> list[str]:  # RedisCluster's scan_iter walks every primary
+        async def keys() -> builtins.list[str]:  # RedisCluster's scan_iter walks every primary
             return [codec.stream_id_of(k) async for k in c.client.scan_iter(match=match, count=1000)]
 
         found_ids = await c.call(keys(), "SCAN")

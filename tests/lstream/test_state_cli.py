@@ -35,7 +35,9 @@ def seed(url: str, ids: list[str], model: str = "m-cli") -> None:
         st.anomaly[:] = 0.0
         st.anomaly[:, :3] = [3.0, 0.2, 0.01]
         n = len(ids)
-        (await store.save(ids, st, Positions.build(np.zeros(n, np.int64), np.arange(100, 100 + n), np.zeros(n, np.int64), np.full(n, 1732650000.25), [f"ev-{i}" for i in range(n)]))).applied
+        zero = np.zeros(n, np.int64)
+        await store.save(ids, st, Positions.build(zero, np.arange(100, 100 + n), zero, np.full(n, 1732650000.25),
+                                                  [f"ev-{i}" for i in range(n)]))
         await store.close()
 
     asyncio.run(go())

@@ -11,7 +11,9 @@ def test_bench_state_quick(redis_url: str, capsys: pytest.CaptureFixture[str]) -
     assert main(["--quick", "--redis-url", redis_url]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert "fenced" in lines[1] and "mget/mset" in lines[1] and "get+set" in lines[1]
+    assert "client" in lines[1] and "server cmd" in lines[1] and "server cpu" in lines[1]
     rows = [line.split() for line in lines[2:]]
-    assert [r[0] for r in rows] == ["1", "64"]
-    assert all(float(x) > 0 for r in rows for x in r[1:])
+    assert [(r[0], r[1]) for r in rows] == [(n, m) for n in ("1", "64")
+                                            for m in ("store", "store-save", "redis-py", "mget/mset", "get+set")]
+    assert all(float(r[2]) > 0 for r in rows)  # client CPU
+    assert all(float(r[4]) >= 0 for r in rows)  # server CPU from INFO cpu

@@ -107,7 +107,8 @@ def test_fencing_older_and_newer(cluster_url: str) -> None:
         store = await connect(cluster_url)
         try:
             zero = np.zeros(n, np.int64)
-            first = (await store.save(ids, states(n, 2), Positions.build(zero, np.full(n, 10), zero, np.full(n, 5.0), None))).applied
+            first = (await store.save(ids, states(n, 2),
+                Positions.build(zero, np.full(n, 10), zero, np.full(n, 5.0), None))).applied
             newer_st = states(n, 3)
             offs = np.where(np.arange(n) % 2 == 0, 11, 9)  # even rows newer, odd rows older
             mixed = (await store.save(ids, newer_st, Positions.build(zero, offs, zero, np.full(n, 5.0), None))).applied
@@ -158,7 +159,8 @@ def test_cli_state_show_and_list(cluster_url: str, tmp_path: Path, capsys: pytes
         store = await connect(cluster_url)
         try:
             one = np.zeros(1, np.int64)
-            await store.save([sid], states(1, 5), Positions.build(one, np.array([41]), one, np.array([1732650000.25]), ["ev-9"]))
+            await store.save([sid], states(1, 5),
+                Positions.build(one, np.array([41]), one, np.array([1732650000.25]), ["ev-9"]))
         finally:
             await store.close()
 

@@ -107,7 +107,8 @@ def test_round_trip_every_field(redis_url: str) -> None:
     async def go() -> tuple[Any, ...]:
         store = await aconnect(redis_url)
         fresh = await store.load(ids)
-        applied = (await store.save(ids, st, Positions.build(arr(3, 0, 7), arr(41, 2**40, 0), arr(0, 5, 1), ts, ["e-1", None, "e 3"]))).applied
+        applied = (await store.save(ids, st,
+            Positions.build(arr(3, 0, 7), arr(41, 2**40, 0), arr(0, 5, 1), ts, ["e-1", None, "e 3"]))).applied
         loaded = await store.load(ids + [f"{t}-none"])
         rec = await store.get(ids[0])
         await store.close()
@@ -327,7 +328,9 @@ def test_two_writers_race_newest_wins(redis_url: str) -> None:
         for o in offsets:
             await asyncio.sleep(float(rng.uniform(0, 0.002)))
             perm = rng.permutation(n)
-            await store.save([ids[i] for i in perm], filled(n, float(o), steps=o), Positions.build(np.zeros(n, np.int64), np.full(n, o), np.zeros(n, np.int64), np.full(n, float(o)), None))
+            zero = np.zeros(n, np.int64)
+            await store.save([ids[i] for i in perm], filled(n, float(o), steps=o),
+                             Positions.build(zero, np.full(n, o), zero, np.full(n, float(o))))
 
     async def go() -> tuple[Any, Any, Any]:
         a, b = await aconnect(redis_url), await aconnect(redis_url)
@@ -357,11 +360,12 @@ def test_ttl_expires_idle_streams_and_prunes_the_index(redis_url: str) -> None:
 
     async def go() -> tuple[Any, ...]:
         store = await aconnect(redis_url, ttl=1.5)
-        (await store.save(ids, filled(3, 1.0), Positions.build(arr(0, 0, 0), arr(1, 1, 1), arr(0, 0, 0), [1.0] * 3, None))).applied
+        await store.save(ids, filled(3, 1.0),
+            Positions.build(arr(0, 0, 0), arr(1, 1, 1), arr(0, 0, 0), [1.0] * 3, None))
         pttl = r.pttl(codec.state_key(ids[0]))
         listed = await store.list(pattern=f"{t}-*")
         await asyncio.sleep(0.8)
-        (await store.save(ids[:1], filled(1, 2.0), Positions.build(arr(0), arr(2), arr(0), [2.0], None))).applied  # refreshes the TTL
+        await store.save(ids[:1], filled(1, 2.0), Positions.build(arr(0), arr(2), arr(0), [2.0]))  # refreshes the TTL
         await asyncio.sleep(0.9)
         loaded = await store.load(ids)
         relisted = await store.list(pattern=f"{t}-*")
@@ -389,7 +393,7 @@ def test_index_trim_by_age_and_cap(redis_url: str) -> None:
             now[0] += 2.0  # trims run at most once a second of the store's clock
         members = redis.Redis.from_url(redis_url).zrange(store.index, 0, -1)
         now[0] += 200.0
-        (await store.save([f"{t}-last"], filled(1, 9), Positions.build(arr(0), arr(1), arr(0), [1.0], None))).applied
+        await store.save([f"{t}-last"], filled(1, 9), Positions.build(arr(0), arr(1), arr(0), [1.0], None))
         after = redis.Redis.from_url(redis_url).zrange(store.index, 0, -1)
         await store.close()
         return members, after
@@ -405,12 +409,13 @@ def test_model_version_policy(redis_url: str) -> None:
 
     async def go() -> tuple[Any, Any, Any]:
         old = await aconnect(redis_url, model_version="m-old")
-        (await old.save(ids[:1], filled(1, 5.0), Positions.build(arr(0), arr(7), arr(0), [50.0], ["e7"]))).applied
+        await old.save(ids[:1], filled(1, 5.0), Positions.build(arr(0), arr(7), arr(0), [50.0], ["e7"]))
         await old.close()
         new = await aconnect(redis_url, model_version="m-new", policy="reset")
         loaded = await new.load(ids)
         counters = new.counters()
-        applied = (await new.save(ids, loaded.states, Positions.build(arr(0, 0), arr(8, 8), arr(0, 0), [51.0, 51.0], None))).applied
+        applied = (await new.save(ids, loaded.states,
+            Positions.build(arr(0, 0), arr(8, 8), arr(0, 0), [51.0, 51.0], None))).applied
         again = await new.load(ids)
         await new.close()
         return loaded, counters, (applied, again)
