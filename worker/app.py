@@ -227,15 +227,15 @@ class Runtime:
         if len(cur) < ACTIVE_CAP:
             cur.update(keys)
 
-    def observe_batch(self, received_at: float, record_ts: list[float]) -> None:
+    def observe_batch(self, arrived: list[float], record_ts: list[float]) -> None:
         """A batch is finished: consume -> emit for each of its messages, from when the worker
-        received the batch and from each record's Kafka timestamp (when it was produced)."""
+        received it and from its record's Kafka timestamp (when it was produced)."""
         import numpy as np
 
-        emitted = self.emitted_at if self.emitted_at >= received_at else time.time()
-        n = len(record_ts)
+        got = np.asarray(arrived)
+        emitted = self.emitted_at if got.size and self.emitted_at >= got.max() else time.time()
         m = self.metrics
-        m.e2e.observe_many(np.full(n, emitted - received_at), path="consume", kind="message")
+        m.e2e.observe_many(emitted - got, path="consume", kind="message")
         ts = np.asarray(record_ts)
         ts = ts[ts > 0]
         if ts.size:
@@ -351,11 +351,72 @@ ACTIVE_WINDOW = 60.0
 ACTIVE_CAP = 1_000_000
 
 
+class Batcher:
+    """Micro-batches from the agent's events, without a fixed wait ("smart batching").
+
+    The agent only appends each event to a buffer; :meth:`run` takes everything buffered (at
+    most ``size`` messages) as soon as the pipeline can take a batch, so a batch is what
+    arrived while the previous one was computed: one event at a time when the input is quiet
+    (no wait), bigger batches under load. ``linger`` (``batch_wait``) optionally waits that long
+    after the first event of a batch. Why not Faust's ``stream.noack_take(size, within)``: it
+    collects events only between batches, never while one is processed, so a short ``within``
+    caps the batch (and the throughput) at what arrives in ``within`` and a long one adds
+    ``within`` to every event's latency (docs/operations-latency.md).
+
+    The buffer holds at most two batches; the agent waits beyond that (backpressure). Each
+    batch is acknowledged only after its outputs are delivered and its states saved
+    (``Pipeline.submit``'s ``done``), as before.
+    """
+
+    def __init__(self, runtime: Runtime, stream: Any, size: int, linger: float) -> None:
+        self.runtime, self.stream, self.size, self.linger = runtime, stream, size, linger
+        self.buffer: list[Any] = []
+        self.arrived: list[float] = []
+        self.ready = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+
+    async def add(self, event: Any) -> None:
+        self.buffer.append(event)
+        self.arrived.append(time.time())
+        self.ready.set()
+        if len(self.buffer) >= 2 * self.size:
+            self.room.clear()
+            await self.room.wait()
+
+    async def run(self) -> None:
+        from worker.events import RawMessage
+
+        runtime, stream = self.runtime, self.stream
+        while True:
+            await self.ready.wait()
+            if self.linger:
+                await asyncio.sleep(self.linger)
+            batch, self.buffer = self.buffer[:self.size], self.buffer[self.size:]
+            arrived, self.arrived = self.arrived[:self.size], self.arrived[self.size:]
+            if not self.buffer:
+                self.ready.clear()
+            if len(self.buffer) < 2 * self.size:
+                self.room.set()
+            msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset)
+                    for e in batch]
+            record_ts = [float(e.message.timestamp or 0.0) for e in batch]
+
+            async def ack(batch: list[Any] = batch, arrived: list[float] = arrived,
+                          record_ts: list[float] = record_ts) -> None:
+                runtime.observe_batch(arrived, record_ts)
+                for e in batch:
+                    await stream.ack(e)
+
+            # Computes this batch while the previous one is delivered and saved; each batch
+            # is acknowledged only after its own outputs are delivered and states saved.
+            await runtime.pipeline.submit(msgs, ack)
+
+
 def create_app(settings: Settings, model: Any = None) -> Any:
     """Build the Faust app (with ``app.lstream``, its :class:`Runtime`); nothing starts yet."""
     import faust
 
-    from worker.events import RawMessage
     from worker.transport import transport_for
     from worker.web import add_views
 
@@ -417,25 +478,46 @@ def create_app(settings: Settings, model: Any = None) -> Any:
                       value_serializer="raw", partitions=s.partitions)
 
     async def lstream_events(stream: Any) -> None:
+        if s.batching == "take":
+            return await take_batches(stream)
+        noack = stream.noack()
+        batcher = Batcher(runtime, noack, s.batch_size, s.batch_wait)
+        task = asyncio.ensure_future(batcher.run())
         try:
-            async for batch in stream.noack_take(s.batch_size, within=s.batch_wait):
-                received = time.time()
+            async for event in noack.events():
+                await batcher.add(event)
+                if task.done():  # the batcher failed: fail the agent with its error
+                    task.result()
+        finally:
+            task.cancel()
+            # The batch in flight: deliver, save, ack (bounded: during an outage it would
+            # wait for ever; an unacknowledged batch is simply read again at the next start).
+            if runtime.pipeline is not None:
+                try:
+                    await asyncio.wait_for(runtime.pipeline.flush(), 5.0)
+                except TimeoutError:
+                    pass
+
+    async def take_batches(stream: Any) -> None:
+        """``batching=take``: Faust's ``noack_take`` (the worker's batching before; kept to
+        measure against, see benchmarks/latency.py)."""
+        from worker.events import RawMessage
+
+        try:
+            async for batch in stream.noack_take(s.batch_size, within=s.batch_wait or 0.05):
+                arrived = [time.time()] * len(batch)
                 msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset)
                         for e in batch]
                 record_ts = [float(e.message.timestamp or 0.0) for e in batch]
 
-                async def ack(batch: list[Any] = batch, received: float = received,
+                async def ack(batch: list[Any] = batch, arrived: list[float] = arrived,
                               record_ts: list[float] = record_ts) -> None:
-                    runtime.observe_batch(received, record_ts)
+                    runtime.observe_batch(arrived, record_ts)
                     for e in batch:
                         await stream.ack(e)
 
-                # Computes this batch while the previous one is delivered and saved; each batch
-                # is acknowledged only after its own outputs are delivered and states saved.
                 await runtime.pipeline.submit(msgs, ack)
         finally:
-            # The batch in flight: deliver, save, ack (bounded: during an outage it would
-            # wait for ever; an unacknowledged batch is simply read again at the next start).
             if runtime.pipeline is not None:
                 try:
                     await asyncio.wait_for(runtime.pipeline.flush(), 5.0)
