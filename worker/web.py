@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 from state.errors import StateError, StateNotFound
-
 from worker.metrics import CONTENT_TYPE as PROMETHEUS  # aiohttp adds "; charset=utf-8"
 
 
@@ -40,11 +39,12 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
         "assigned_partitions": assigned,
         "last_batch_age": None if last is None else round(time.time() - last, 3),
         "uptime": round(time.time() - r.started_at, 3),
+        "fetch_max_wait_ms": _fetch_wait_ms(app),
     }
     waiting = r.startup.doc()
     if waiting["waiting_for"] is not None:
         body.update(waiting)
-    if not r.ready:
+    if not r.ready or waiting["waiting_for"] is not None:
         body["status"] = "starting"
         return 503, body
     if r.stopping:
@@ -57,6 +57,14 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
             body["redis_error"] = store.last_error
         return 503, body
     return 200, body
+
+
+def _fetch_wait_ms(app: Any) -> int | None:
+    """The fetch wait the running consumer really uses (worker/transport.py sets it)."""
+    try:
+        return int(app.consumer._thread._consumer._fetcher._fetch_max_wait_ms)
+    except AttributeError:  # not started yet
+        return None
 
 
 async def stream_doc(runtime: Any, stream_id: str) -> tuple[int, dict[str, Any]]:
