@@ -138,6 +138,7 @@ class AlertSeen:
     actual: list[float]
     score: float
     injected: bool  # inside (or just after) a labelled episode
+    reason: str = ""  # which evidence fired (the alert's optional "reason"), "" if none given
 
 
 class Tally:
@@ -197,7 +198,7 @@ class Tally:
             return None
         injected = any(lo <= row < hi for lo, hi in self._windows.get(sid, []))
         seen = AlertSeen(sid, row, float(a["ts"]), list(a.get("expected") or []), list(a.get("actual") or []),
-                         float(a.get("score", np.nan)), injected)
+                         float(a.get("score", np.nan)), injected, str(a.get("reason") or ""))
         self.alerts.append(seen)
         return seen
 

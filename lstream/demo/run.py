@@ -352,13 +352,21 @@ def _report(console: Console, live: bool, opts: DemoOptions, scenario: Scenario,
     _write_summary(out / "summary.json", {
         "model": model_version, "streams": len(scenario.streams), "produced": produced,
         "applied": tally.predictions, "rejected": tally.dead_letters, "rejected_by_code": tally.dead_codes,
-        "alerts": len(tally.alerts), "injected_anomalies": len(scenario.episodes), "caught": len(score.caught),
+        "alerts": len(tally.alerts), "alerts_by_reason": _by_reason(tally),
+        "injected_anomalies": len(scenario.episodes), "caught": len(score.caught),
         "missed": len(score.missed), "false_alerts": len(score.false_alerts), "tolerance": opts.tolerance,
         "foreign_records": tally.foreign, "complete": complete, "wall_seconds": round(seconds, 2),
         "plot": str(png), "pids": children.pids(),
     })
     console.print(f"plot: {png}   numbers: {out / 'summary.json'}   worker log: {out / 'worker.log'}",
                   soft_wrap=True, highlight=False)
+
+
+def _by_reason(tally: Tally) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for a in tally.alerts:
+        out[a.reason or "unstated"] = out.get(a.reason or "unstated", 0) + 1
+    return out
 
 
 def _hints(console: Console, scenario: Scenario, tally: Tally) -> None:

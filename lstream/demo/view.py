@@ -38,7 +38,8 @@ def fmt_ts(ts: float) -> str:
 def alert_line(a: AlertSeen) -> str:
     verdict = "injected anomaly" if a.injected else "no label: false alert"
     return (f"ALERT {a.stream_id} at {fmt_ts(a.ts)} (reading {a.row}): expected {fmt_values(a.expected)}, "
-            f"actual {fmt_values(a.actual)}, score {a.score:.4f} [{verdict}]")
+            f"actual {fmt_values(a.actual)}, score {a.score:.4f}{f', reason {a.reason}' if a.reason else ''} "
+            f"[{verdict}]")
 
 
 class View:
@@ -109,14 +110,15 @@ class View:
                       Text("alerts", style="dim"), Text(str(len(t.alerts)), style="bold red"))
         alerts = Table(expand=True, box=None, header_style="bold", pad_edge=False)
         for name, just in (("event time", "left"), ("stream", "left"), ("reading", "right"),
-                           ("expected", "right"), ("actual", "right"), ("score", "right"), ("label", "left")):
+                           ("expected", "right"), ("actual", "right"), ("score", "right"), ("reason", "left"),
+                           ("label", "left")):
             alerts.add_column(name, justify=just)  # type: ignore[arg-type]
         for a in t.alerts[-12:]:
             label = Text("injected anomaly", style="red") if a.injected else Text("no label (false)", style="blue")
             alerts.add_row(fmt_ts(a.ts), a.stream_id, str(a.row), fmt_values(a.expected), fmt_values(a.actual),
-                           f"{a.score:.4f}", label)
+                           f"{a.score:.4f}", a.reason or "-", label)
         if not t.alerts:
-            alerts.add_row("", Text("no alerts yet", style="dim"), "", "", "", "", "")
+            alerts.add_row("", Text("no alerts yet", style="dim"), "", "", "", "", "", "")
         return Group(Panel(stats, title=self.header, title_align="left"),
                      Panel(alerts, title=f"alerts (latest {min(12, len(t.alerts))} of {len(t.alerts)})",
                            title_align="left"))
@@ -130,11 +132,15 @@ def summary_rows(tally: Tally, score: Score, produced: int, seconds: float) -> l
         delays = sorted(score.delays)
         delay = f", median delay {delays[len(delays) // 2]} readings"
     codes = ", ".join(f"{k} {v}" for k, v in sorted(tally.dead_codes.items()))
+    reasons: dict[str, int] = {}
+    for a in tally.alerts:
+        reasons[a.reason or "unstated"] = reasons.get(a.reason or "unstated", 0) + 1
+    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
     return [
         ("events produced", f"{produced:,} from {len(tally.scenario.streams)} streams"),
         ("events applied", f"{tally.predictions:,} (one prediction each)"),
         ("events rejected", f"{tally.dead_letters:,}" + (f" ({codes})" if codes else "")),
-        ("alerts", f"{len(tally.alerts)}"),
+        ("alerts", f"{len(tally.alerts)}" + (f" ({by_reason})" if by_reason else "")),
         ("injected anomalies caught", f"{len(score.caught)} of {n_eps}{pct}{delay}"),
         ("false alerts", f"{len(score.false_alerts)} (not within {tally.tolerance} readings after an "
                          "injected anomaly)"),

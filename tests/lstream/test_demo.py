@@ -86,6 +86,10 @@ def test_demo_runs_adds_up_and_leaves_nothing(tmp_path: Path) -> None:
     assert summary["caught"] <= summary["alerts"] and summary["false_alerts"] <= summary["alerts"]
     alert_lines = [line for line in proc.stdout.splitlines() if line.startswith("ALERT ")]
     assert len(alert_lines) == summary["alerts"], proc.stdout
+    assert sum(summary["alerts_by_reason"].values()) == summary["alerts"]
+    # every alert says which evidence fired, in the summary and on its line
+    assert "unstated" not in summary["alerts_by_reason"], summary["alerts_by_reason"]
+    assert all(", reason " in line for line in alert_lines), alert_lines
     assert re.search(rf"events applied\s+{summary['applied']:,} ", proc.stdout), proc.stdout
     png = out_dir / "demo.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
