@@ -73,7 +73,7 @@ def run_series(engine: Any, series: Series) -> np.ndarray:
     x = np.ascontiguousarray(series.values, dtype=np.float64)
     scores = np.empty(len(series))
     for i in range(len(series)):
-        out = engine.advance(st, x[i : i + 1])
+        out = engine.advance(st, x[i : i + 1], series.ts[i : i + 1])
         scores[i] = out.score[0]
     return scores
 

@@ -200,18 +200,28 @@ class Sweep:
 
 def sweep(files: Sequence[tuple[np.ndarray, Labels]], cost: Mapping[str, float]) -> Sweep:
     """NAB's threshold sweep over the rows of all ``files`` (anomaly scores, labels) at once."""
-    all_s, all_w, all_id = [], [], []
-    base = 0
+    parts = []
     for scores, labels in files:
         scores = np.asarray(scores, dtype=np.float64)
         if scores.shape != (labels.rows,):
             raise ValueError(f"{labels.name}: expected {labels.rows} anomaly scores, got {scores.shape[0]}")
-        w, wid = row_weights(labels, cost, base)
+        parts.append((scores, *row_weights(labels, cost)))
+    return sweep_weighted(parts, float(cost["fnWeight"]))
+
+
+def sweep_weighted(parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], fn_weight: float) -> Sweep:
+    """:func:`sweep` over files given as (scores, row weights, window ids) with each file's window
+    ids from 0 (:func:`row_weights` with ``window_base=0``): weights computed once can be swept
+    for many detectors' scores (cross-validation)."""
+    all_s, all_w, all_id = [], [], []
+    base = 0
+    for scores, w, wid in parts:
         keep = wid != PROBATION
         all_s.append(scores[keep])
         all_w.append(w[keep])
-        all_id.append(wid[keep])
-        base += len(labels.windows)
+        ids = wid[keep]
+        all_id.append(np.where(ids >= 0, ids + base, ids))
+        base += int(wid.max()) + 1 if wid.size and wid.max() >= 0 else 0
     s = np.concatenate(all_s) if all_s else np.zeros(0)
     w = np.concatenate(all_w) if all_w else np.zeros(0)
     wid = np.concatenate(all_id) if all_id else np.zeros(0, np.int64)
@@ -221,7 +231,7 @@ def sweep(files: Sequence[tuple[np.ndarray, Labels]], cost: Mapping[str, float])
     dense[scored] = np.arange(scored.size)
     wid = np.where(wid >= 0, dense[np.maximum(wid, 0)], NO_WINDOW)
     order = np.argsort(-s, kind="stable")
-    th, tot, det = _sweep(s[order], w[order], wid[order], int(scored.size), float(cost["fnWeight"]))
+    th, tot, det = _sweep(s[order], w[order], wid[order], int(scored.size), fn_weight)
     return Sweep(th, tot, det, int(scored.size))
 
 

@@ -49,6 +49,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dev": ("lstream.commands.dev", "start the embedded broker and Redis and print how to reach them"),
     "bench": ("lstream.commands.bench", "run the benchmarks and print a table"),
     "nab": ("lstream.commands.nab", "score the detector on the Numenta Anomaly Benchmark"),
+    "eval": ("lstream.commands.eval", "forecast accuracy of a model on CSV files vs persistence and seasonal-naive"),
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
