@@ -2,14 +2,15 @@
 -- check and the write of every stream run in one script, so no reader ever sees a state
 -- without the position it reflects.
 -- KEYS[1..n]: the streams' hashes, lstream:state:{<stream_id>}
--- ARGV[1]: k, the number of state fields per stream; ARGV[2..k+1]: their hash field names
--- ARGV[k+2..k+7]: model, layers, hidden, layout, updated_at, TTL in ms (0 = keep forever)
+-- ARGV[1]: k, the number of state fields per stream; ARGV[2]: s, how many of them (the first s)
+--   are "stable" (written only when the stored value differs); ARGV[3..k+2]: their field names
+-- ARGV[k+3..k+8]: model, layers, hidden, layout, updated_at, TTL in ms (0 = keep forever)
 -- then per stream, 5 + k values: partition, offset, index, ts, event_id ('' = none), the k fields
 -- Returns one code per stream: 1 applied; 3 already stored (the stored position and event_id
 -- are exactly this save's: our own earlier write, whose reply was lost); 0 refused (a newer
 -- position is stored); 2 refused (event_id equal to the stored one: a duplicate).
-local k = tonumber(ARGV[1])
-local h = k + 1
+local k, s = tonumber(ARGV[1]), tonumber(ARGV[2])
+local h = k + 2
 local model, layers, hidden, layout, updated = ARGV[h + 1], ARGV[h + 2], ARGV[h + 3], ARGV[h + 4], ARGV[h + 5]
 local ttl = tonumber(ARGV[h + 6])
 local base, width = h + 6, 5 + k
@@ -17,20 +18,16 @@ if #ARGV ~= base + width * #KEYS then
   return redis.error_reply('ERR lstream fence: expected ' .. (base + width * #KEYS) .. ' arguments for ' ..
     #KEYS .. ' streams, got ' .. #ARGV)
 end
--- One argument table for every HSET of the call: the names and the call's common values are
--- set once, a stream's own values overwrite their slots (no table built per stream).
-local args = {'partition', '', 'offset', '', 'index', '', 'ts', '', 'model', model, 'layers', layers,
-              'hidden', hidden, 'layout', layout, 'updated_at', updated}
-for j = 1, k do
-  args[17 + 2 * j] = ARGV[1 + j]
-end
-local last = 18 + 2 * k
-args[last + 1] = 'event_id'
+-- What the fence reads: the position, then the fields written only when they changed.
+local read = {'partition', 'offset', 'index', 'ts', 'event_id', 'model', 'layers', 'hidden', 'layout'}
+for j = 1, s do read[9 + j] = ARGV[2 + j] end
+local meta = {'model', model, 'layers', layers, 'hidden', hidden, 'layout', layout}
+local args = {}
 local out = {}
 for i = 1, #KEYS do
   local key, a = KEYS[i], base + (i - 1) * width
   local ps, os, is, ts, eid = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
-  local cur = redis.call('HMGET', key, 'partition', 'offset', 'index', 'ts', 'event_id')
+  local cur = redis.call('HMGET', key, unpack(read))
   local code = 1
   if cur[1] or cur[2] then
     local p, o, ix = tonumber(ps), tonumber(os), tonumber(is)
@@ -50,17 +47,24 @@ for i = 1, #KEYS do
     end
   end
   if code == 1 then
-    args[2], args[4], args[6], args[8] = ps, os, is, ts
+    -- Only what changed (Lua strings are interned: ~= compares pointers).
+    args[1], args[2], args[3], args[4], args[5], args[6] = 'offset', os, 'ts', ts, 'updated_at', updated
+    local m = 6
+    if cur[1] ~= ps then m = m + 2; args[m - 1] = 'partition'; args[m] = ps end
+    if cur[3] ~= is then m = m + 2; args[m - 1] = 'index'; args[m] = is end
+    for j = 1, 4 do
+      if cur[5 + j] ~= meta[2 * j] then m = m + 2; args[m - 1] = meta[2 * j - 1]; args[m] = meta[2 * j] end
+    end
     for j = 1, k do
-      args[18 + 2 * j] = ARGV[a + 5 + j]
+      local v = ARGV[a + 5 + j]
+      if j > s or cur[9 + j] ~= v then m = m + 2; args[m - 1] = ARGV[2 + j]; args[m] = v end
     end
     if eid ~= '' then
-      args[last + 2] = eid
-      redis.call('HSET', key, unpack(args, 1, last + 2))
-    else
-      if cur[5] then redis.call('HDEL', key, 'event_id') end
-      redis.call('HSET', key, unpack(args, 1, last))
+      if cur[5] ~= eid then m = m + 2; args[m - 1] = 'event_id'; args[m] = eid end
+    elseif cur[5] then
+      redis.call('HDEL', key, 'event_id')
     end
+    redis.call('HSET', key, unpack(args, 1, m))
     if ttl > 0 then redis.call('PEXPIRE', key, ttl) elseif cur[1] or cur[2] then redis.call('PERSIST', key) end
   end
   out[i] = code

@@ -77,6 +77,16 @@ class StateStore:
         self._model_b = (model_version or "").encode()
         self._names = field_names()
         self._layout_b = codec.layout_tag(self._names).encode()
+        # The fence's field order: "stable" fields first (compared before they are written: see
+        # kernels.states.FieldLayout; a field with no values per stream is always stable).
+        template = self.fresh(1) if num_layers and hidden_size and input_size else None
+
+        def stable(name: str) -> bool:
+            arr = getattr(template, name) if template is not None else None
+            return layout_of(name, np.float64).stable or (arr is not None and arr[0].size == 0)
+
+        self._order = tuple([n for n in self._names if stable(n)] + [n for n in self._names if not stable(n)])
+        self._stable = sum(stable(n) for n in self._names)
         self._keys: dict[str, str] = {}
         # Counters for /metrics.
         self.loads = 0  # streams loaded
@@ -258,7 +268,7 @@ class StateStore:
     def _save_args(self, n: int, states: StreamStates, positions: Positions,
                    now: float) -> tuple[list[Any], list[list[Any]]]:
         """The script's fixed arguments and, per stream, its 5 + k values (numpy for the bytes)."""
-        names = self._names
+        names = self._order
         template = self.fresh(1)
         cols: list[list[Any]] = [[b"%d" % v for v in positions.partition.tolist()],
                                  [b"%d" % v for v in positions.offset.tolist()],
@@ -278,7 +288,7 @@ class StateStore:
                 blob = flat.tobytes()
                 w = flat.shape[1] * flat.itemsize
                 cols.append([blob[i:i + w] for i in range(0, n * w, w)] if w else [b""] * n)
-        head = [len(names), *names, self._model_b, self.num_layers, self.hidden_size, self._layout_b,
+        head = [len(names), self._stable, *names, self._model_b, self.num_layers, self.hidden_size, self._layout_b,
                 repr(now), round(self.ttl * 1000)]
         return head, [list(r) for r in zip(*cols)]
 
