@@ -324,7 +324,9 @@ def test_spike_raises_exactly_one_alert(run):
     assert a["actual"] == [float(run["data"][0][2][200, 0])]
     assert a["ts"] == float(run["data"][0][1][200])
     assert a["score"] >= a["threshold"] and a["severity"] in ("warning", "critical")
-    assert set(a) == {"stream_id", "ts", "source", "score", "threshold", "severity", "expected", "actual", "model"}
+    assert set(a) == {"stream_id", "ts", "source", "score", "threshold", "severity", "expected", "actual", "model",
+                      "reason", "evidence"}
+    assert isinstance(a["reason"], str) and a["reason"] and isinstance(a["evidence"], dict)
     # Every stream's alerts are the episodes the offline replay finds.
     counts: dict[str, int] = defaultdict(int)
     for r in run["alerts"]:
@@ -371,18 +373,20 @@ def test_http_views(run):
     text = body.decode()
     values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
               if line and not line.startswith("#")}
-    assert values["lstream_events_in_total"] == run["messages"]
+    assert values["lstream_input_messages_total"] == run["messages"]
     assert values["lstream_events_applied_total"] == N_STREAMS * N_STEPS
     assert values["lstream_predictions_total"] == N_STREAMS * N_STEPS
-    assert values["lstream_alerts_total"] == len(run["alerts"])
-    assert values['lstream_events_rejected_total{code="bad_schema"}'] == 2
-    assert values['lstream_events_rejected_total{code="duplicate"}'] == 1
+    assert sum(v for k, v in values.items() if k.startswith("lstream_alerts_total{")) == len(run["alerts"])
+    assert values['lstream_dead_letters_total{code="bad_schema"}'] == 2
+    assert values['lstream_dead_letters_total{code="duplicate"}'] == 1
     assert values["lstream_duplicates_skipped_total"] == 1
     assert values['lstream_stage_seconds_count{stage="kernel"}'] == values["lstream_batches_total"]
     assert any(k.startswith("lstream_redis_roundtrip_seconds_bucket") for k in values)
-    assert values['lstream_state_resets{kind="model"}'] == 0 and values['lstream_state_resets{kind="detector"}'] == 0
-    assert "# TYPE lstream_consumer_lag gauge" in text
-    assert values['lstream_up{service="redis"}'] == 1 and values['lstream_up{service="broker"}'] == 1
+    assert values['lstream_state_resets_total{kind="model"}'] == 0
+    assert values['lstream_state_resets_total{kind="detector"}'] == 0
+    assert "# TYPE lstream_consumer_lag_records gauge" in text
+    assert values['lstream_dependency_up{service="redis"}'] == 1
+    assert values['lstream_dependency_up{service="broker"}'] == 1
 
 
 def test_sigterm_stops_cleanly(run):
