@@ -33,7 +33,7 @@ import tempfile
 import time
 from typing import Any
 
-from worker.health import Startup, TimedStore, fatal, port_taken
+from worker.health import RedisProbe, Startup, TimedStore, fatal, port_taken
 from worker.settings import Settings, broker_hosts
 
 log = logging.getLogger("lstream.worker")
@@ -99,6 +99,8 @@ class Runtime:
         self.broker_outage = Outage("broker", self.metrics)
         self.startup = Startup(self.metrics, cleanup=self.cleanup)
         self.early_health: Any = None  # worker.health.EarlyHealth, handed over by the command line
+        self.probe: RedisProbe | None = None
+        self._probe_task: asyncio.Future[Any] | None = None
         self.store: Any = None
         self.sender: Any = None
         self.temp_dir: str | None = None
@@ -156,6 +158,8 @@ class Runtime:
             s.redis_url, model_version=m.version, num_layers=m.num_layers, hidden_size=m.hidden_size,
             input_size=m.input_size, ttl=s.state_ttl, policy="reset", retries=0, timeout=s.redis_timeout))
         self.store = TimedStore(store, s.redis_timeout, self.metrics)
+        self.probe = RedisProbe(store, self.metrics, s.redis_timeout)
+        self._probe_task = asyncio.ensure_future(self.probe.run())
         self.pipeline = Pipeline(self.engine, self.store, self.emit, topics=self.topics, metrics=self.metrics,
                                  max_bytes=s.max_message_bytes, policy=s.model_policy,
                                  redis_outage=self.redis_outage, broker_outage=self.broker_outage,
@@ -326,8 +330,9 @@ class Runtime:
         store = self.store
         if store is None:
             return {("model",): 0.0, ("detector",): 0.0}
-        return {("model",): float(getattr(store, "resets", 0)),
-                ("detector",): float(getattr(store, "detector_resets", 0))}
+        counts = store.counters() if hasattr(store, "counters") else {}
+        return {("model",): float(counts.get("resets", getattr(store, "resets", 0))),
+                ("detector",): float(counts.get("detector_resets", getattr(store, "detector_resets", 0)))}
 
     def starting(self) -> dict[tuple[str, ...], float]:
         w = self.startup.waiting_for
@@ -341,6 +346,8 @@ class Runtime:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
         if self.sender is not None:
             await self.sender.stop()
         if self.store is not None:
@@ -544,4 +551,9 @@ def create_app(settings: Settings, model: Any = None) -> Any:
 
     app.agent(topic, name="lstream-events")(lstream_events)
     add_views(app, runtime)
+    # A worker stuck in its consumer group (no assignment, or idle while input waits) says so on
+    # /healthz and /metrics and rejoins (issue 12.12, worker/group_health.py).
+    from worker.group_health import attach as attach_group_health
+
+    attach_group_health(app, runtime)
     return app

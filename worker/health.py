@@ -30,6 +30,7 @@ from state.errors import StateUnavailable
 log = logging.getLogger("lstream.worker")
 
 TIMED_OPS = ("load", "save", "get")
+PROBE_OPS = ("ping",)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -69,8 +70,12 @@ def permanent(exc: BaseException) -> str | None:
     """
     from redis.exceptions import AuthenticationError, AuthenticationWrongNumberOfArgsError, ResponseError
 
+    from state.errors import StateAuthError
+
     for e in _chain(exc):
         text = str(e)
+        if isinstance(e, StateAuthError):
+            return f"Redis refused the credentials in the Redis URL: {text}"
         if isinstance(e, (AuthenticationError, AuthenticationWrongNumberOfArgsError)) or \
                 text.startswith(("WRONGPASS", "NOAUTH", "NOPERM")):
             return f"Redis refused the credentials in the Redis URL ({text})"
@@ -256,3 +261,49 @@ class EarlyHealth:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class RedisProbe:
+    """Ask Redis ``PING`` every ``interval`` seconds, each within ``timeout``, so that a stalled
+    or lost Redis shows on ``/healthz`` (503) and in ``lstream_dependency_up`` even while no
+    event arrives (the pipeline's round trips notice it only when there is work). Logged once
+    when Redis stops answering and once when it is back; every failed probe is counted in
+    ``lstream_redis_errors_total{op="ping"}``."""
+
+    def __init__(self, store: Any, metrics: Any, timeout: float, interval: float = 1.0) -> None:
+        self.store, self.metrics, self.timeout, self.interval = store, metrics, timeout, interval
+        self.down_since: float | None = None
+        self.error: str | None = None
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    async def ping(self) -> None:
+        conn = self.store.conn
+        async with asyncio.timeout(self.timeout):
+            await conn.call(conn.client.ping(), "PING")
+
+    async def check(self) -> bool:
+        try:
+            await self.ping()
+        except Exception as exc:
+            kind = error_kind(exc) if not isinstance(exc, TimeoutError) else "timeout"
+            self.metrics.redis_errors.inc(op="ping", kind=kind)
+            self.error = f"ping: {kind}: " + (f"no answer within {self.timeout:g} s (redis_timeout)"
+                                              if kind == "timeout" else f"{type(exc).__name__}: {exc}")[:300]
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+                log.warning("redis does not answer (%s); /healthz reports 503 until it does", self.error)
+            self.metrics.up.set(0, service="redis")
+            return False
+        if self.down_since is not None:
+            log.warning("redis answers again after %.1f s", time.monotonic() - self.down_since)
+            self.down_since, self.error = None, None
+        self.metrics.up.set(1, service="redis")
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self.interval)

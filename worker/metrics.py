@@ -243,7 +243,7 @@ class WorkerMetrics:
         # before the first event of their kind.
         for service in ("redis", "broker"):
             self.retries.metric.labels(service=service)
-        for op in ("load", "save", "get"):
+        for op in ("load", "save", "get", "ping"):
             self.redis_rtt.metric.labels(op=op)
             for kind in ("timeout", "connection", "other"):
                 self.redis_errors.metric.labels(op=op, kind=kind)

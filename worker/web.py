@@ -30,11 +30,13 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
         assigned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == r.settings.input_topic)
     except Exception:  # consumer not started yet
         assigned = []
+    probe = getattr(r, "probe", None)
+    redis_down = r.redis_outage.down or (probe is not None and probe.down)
     body: dict[str, Any] = {
         "status": "ok",
         "model": r.model.version,
         "input_topic": r.settings.input_topic,
-        "redis": "down" if r.redis_outage.down else "up",
+        "redis": "down" if redis_down else "up",
         "broker": "down" if r.broker_outage.down else "up",
         "assigned_partitions": assigned,
         "last_batch_age": None if last is None else round(time.time() - last, 3),
@@ -50,12 +52,20 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
     if r.stopping:
         body["status"] = "stopping"
         return 503, body
-    if r.redis_outage.down or r.broker_outage.down:
+    if redis_down or r.broker_outage.down:
         body["status"] = "degraded"
         store = r.store
-        if r.redis_outage.down and getattr(store, "last_error", None):
+        if probe is not None and probe.error:
+            body["redis_error"] = probe.error
+        elif redis_down and getattr(store, "last_error", None):
             body["redis_error"] = store.last_error
         return 503, body
+    group = getattr(r, "group_health", None)  # worker/group_health.py (issue 12.12)
+    if group is not None:
+        body["group"] = group.doc()
+        if group.verdict.stuck:
+            body["status"] = "degraded"
+            return 503, body
     return 200, body
 
 

@@ -63,6 +63,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _rank(level: str) -> int:
+    return int(logging.getLevelName(level))
+
+
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from worker.settings import from_env
 
@@ -94,7 +98,12 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         early.stop()
         raise
     app.lstream.early_health = early
+    # Faust's and aiokafka's start-up chatter (~40 INFO lines) only with --log-level debug; the
+    # worker's own lines at the level asked for.
     worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
+    if level != "DEBUG":
+        for name in ("faust", "mode", "aiokafka", "worker"):  # "worker": Faust services defined in worker/*.py
+            logging.getLogger(name).setLevel(max(level, "WARNING", key=_rank))
     logging.getLogger("lstream").setLevel(level)
     try:
         worker.execute_from_commandline()
