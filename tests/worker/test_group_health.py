@@ -1,0 +1,136 @@
+"""The stuck-consumer-group detector (worker/group_health.py): the decision, the monitor's
+episodes and rejoin pacing, its metrics, and the broker probe against a real Tansu broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tests import kafkautil as ku
+from worker.group_health import (
+    IDLE_WITH_BACKLOG,
+    NO_SYNC,
+    GroupHealth,
+    GroupSnapshot,
+    assess,
+    probe_group,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.mark.parametrize(("snap", "reason"), [
+    (GroupSnapshot(100.0, 0, 39.0, None, None, None), NO_SYNC),  # joining for 61 s, never synced
+    (GroupSnapshot(100.0, 0, 41.0, None, None, None), None),  # joining for 59 s: still within the bound
+    (GroupSnapshot(100.0, 3, 10.0, 5.0, None, None), NO_SYNC),  # held partitions, then a rebalance never ended
+    (GroupSnapshot(100.0, 0, None, 10.0, 7, 30.0), IDLE_WITH_BACKLOG),  # synced empty; input waits; no progress
+    (GroupSnapshot(100.0, 0, None, 10.0, 7, 50.0), None),  # ... but the offsets moved 50 s ago
+    (GroupSnapshot(100.0, 0, None, 10.0, 0, 10.0), None),  # idle with nothing to do (more workers than partitions)
+    (GroupSnapshot(100.0, 0, None, 10.0, None, None), None),  # not probed yet
+    (GroupSnapshot(100.0, 2, None, 10.0, 7, 10.0), None),  # holds partitions: its own lag is not this detector's
+])
+def test_assess(snap: GroupSnapshot, reason: str | None) -> None:
+    v = assess(snap, sync_bound=60.0, idle_bound=60.0)
+    assert v.reason == reason and v.stuck == (reason is not None)
+    if v.stuck:
+        assert "bound 60 s" in v.detail
+
+
+def test_never_synced_worker_turns_stuck_logs_once_rejoins_paced_then_recovers(caplog) -> None:
+    clock = Clock()
+    gh = GroupHealth(sync_bound=60.0, idle_bound=60.0, clock=clock)
+    caplog.set_level(logging.INFO, logger="lstream.worker")
+    clock.t += 30
+    assert not gh.update(0).stuck and not gh.should_rejoin()
+    clock.t += 31
+    v = gh.update(0)
+    assert v.stuck and v.reason == NO_SYNC and gh.doc()["state"] == "stuck"
+    assert gh.should_rejoin()
+    gh.last_rejoin, gh.rejoins = clock.t, 1
+    for _ in range(5):  # still stuck: one log line per episode, one rejoin per bound
+        clock.t += 10
+        assert gh.update(0).stuck
+        assert not gh.should_rejoin()
+    clock.t += 11
+    assert gh.should_rejoin()
+    assert [r.message for r in caplog.records].count(
+        next(r.message for r in caplog.records if "consumer group stuck" in r.message)) == 1
+    gh.on_assigned(2)
+    assert not gh.update(2).stuck and gh.doc()["state"] == "stable"
+    assert any("healthy again" in r.message for r in caplog.records)
+    assert gh.episodes == {NO_SYNC: 1, IDLE_WITH_BACKLOG: 0}
+
+
+def test_idle_worker_is_stuck_only_while_the_group_makes_no_progress() -> None:
+    clock = Clock()
+    gh = GroupHealth(sync_bound=60.0, idle_bound=60.0, clock=clock)
+    gh.on_assigned(0)  # synced, with no partition
+    gh.observe_probe({0: 5, 1: 9}, backlog=12)
+    for _ in range(5):  # another member consumes: the committed offsets move every 20 s
+        clock.t += 20
+        gh.observe_probe({0: 5 + int(clock.t), 1: 9}, backlog=12)
+        assert not gh.update(0).stuck
+    for _ in range(3):  # then they stop moving while records wait: not yet over the bound
+        clock.t += 20
+        gh.observe_probe(dict(gh.committed or {}), backlog=12)
+        assert not gh.update(0).stuck
+    clock.t += 5
+    v = gh.update(0)
+    assert v.stuck and v.reason == IDLE_WITH_BACKLOG, gh.snapshot
+    gh.on_revoked()  # a rebalance begins: not idle any more, and not yet overdue
+    assert not gh.update(0).stuck and gh.doc()["state"] == "rebalancing"
+
+
+def test_metrics_show_the_stuck_state() -> None:
+    clock = Clock()
+    gh = GroupHealth(sync_bound=60.0, idle_bound=60.0, clock=clock)
+    registry = CollectorRegistry()
+    registry.register(gh)
+    clock.t += 61
+    gh.update(0)
+    gh.rejoins = 2
+    text = generate_latest(registry).decode()
+    assert 'lstream_group_stuck{reason="no_sync"} 1.0' in text
+    assert 'lstream_group_stuck{reason="idle_with_backlog"} 0.0' in text
+    assert "lstream_group_rejoins_total 2.0" in text
+    assert 'lstream_group_stuck_episodes_total{reason="no_sync"} 1.0' in text
+    assert "lstream_group_seconds_since_sync NaN" in text
+
+
+@pytest.mark.slow
+def test_probe_finds_committed_offsets_and_the_backlog_on_a_real_broker(broker_url: str) -> None:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    topic, group = ku.unique_topic("gh"), f"gh-{uuid.uuid4().hex[:8]}"
+    ku.create_topics(broker_url, topic, partitions=2)
+    ku.produce(broker_url, topic, [(b"k", b"v%d" % i, i % 2) for i in range(10)])
+    hosts = ku.hosts(broker_url)
+
+    async def commit(offsets: dict[int, int]) -> None:
+        c = AIOKafkaConsumer(bootstrap_servers=hosts, group_id=group, enable_auto_commit=False)
+        await c.start()
+        try:
+            c.assign([TopicPartition(topic, p) for p in offsets])
+            await c.commit({TopicPartition(topic, p): OffsetAndMetadata(o, "") for p, o in offsets.items()})
+        finally:
+            await c.stop()
+
+    committed, backlog = asyncio.run(probe_group(hosts, group, topic))
+    assert committed == {0: 0, 1: 0} and backlog == 10  # nothing committed: all of it waits
+    asyncio.run(commit({0: 3, 1: 5}))
+    committed, backlog = asyncio.run(probe_group(hosts, group, topic))
+    assert committed == {0: 3, 1: 5} and backlog == 2
+    asyncio.run(commit({0: 5, 1: 5}))
+    committed, backlog = asyncio.run(probe_group(hosts, group, topic))
+    assert committed == {0: 5, 1: 5} and backlog == 0
