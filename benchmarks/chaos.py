@@ -355,3 +355,58 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ------------------------------------------------------------------ the stuck group (issue 12.12)
+
+
+def stuck_group_trial(broker_url: str, redis_url: str, model_dir: str, workdir: Path, delay: float,
+                      watch: float = 60.0, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Worker A joins alone (leader, all partitions); worker B starts; ``delay`` seconds after B
+    sent its JoinGroup (while it is pending), A gets SIGTERM. Returns whether B got partitions within ``watch``
+    seconds, and B's group log lines (joined/synced/generation)."""
+    from tests import kafkautil as ku
+
+    uid = uuid.uuid4().hex[:6]
+    topics = topics_for(f"stuck{uid}")
+    ku.create_topics(broker_url, list(topics.values()), PARTITIONS)
+    data = stream_data(4, 50, 0, f"st{uid}")
+    feed = Feed(broker_url, topics["input"], data, 1.0, chunks=2)
+    feed.run()
+    app_id = f"stuck-{uid}"
+    log_a, log_b = workdir / f"stuck-{uid}-a.log", workdir / f"stuck-{uid}-b.log"
+    a = WorkerProc(broker_url, redis_url, model_dir, topics, app_id, log_a, *extra)
+    b = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _holds(a):
+            if time.monotonic() > deadline or not a.alive():
+                return {"delay": delay, "error": "worker A never got partitions", "log_a": a.tail(20)}
+            time.sleep(0.1)
+        b = WorkerProc(broker_url, redis_url, model_dir, topics, app_id, log_b, *extra)
+        deadline = time.monotonic() + 60
+        while "(Re-)joining group" not in log_b.read_text(errors="replace"):  # B's JoinGroup is out
+            if time.monotonic() > deadline or not b.alive():
+                return {"delay": delay, "error": "worker B never joined", "log_b": b.tail(20)}
+            time.sleep(0.02)
+        time.sleep(delay)
+        a.stop()
+        t0 = time.monotonic()
+        got = None
+        while time.monotonic() - t0 < watch and b.alive():
+            if _holds(b):
+                got = time.monotonic() - t0
+                break
+            time.sleep(0.25)
+        try:
+            health = b.get("/healthz", timeout=3)
+        except OSError as exc:
+            health = (0, repr(exc).encode())
+        lines = [ln for ln in log_b.read_text(errors="replace").splitlines()
+                 if "generation" in ln or "group" in ln.lower() or "stuck" in ln.lower()]
+        return {"delay": delay, "b_partitions_after_s": got, "healthz": health[0], "body": health[1][:300],
+                "log_b": lines[-12:]}
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()

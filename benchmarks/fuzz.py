@@ -507,9 +507,11 @@ def run(plan: Plan, broker_url: str, redis_url: str, model_dir: str, workdir: Pa
         want_out = n_good + plan.n_letters + plan.n_edge
         while time.monotonic() - t0 < bound and worker.alive():
             m = worker.metrics()
-            outcomes = (m.get("lstream_predictions_total", 0) + sum(v for k, v in m.items()
-                                                                   if k.startswith("lstream_events_rejected_total")))
-            if m.get("lstream_events_in_total", 0) >= len(plan.messages) and outcomes >= want_out:
+            # (metric names before and after docs/metrics.md renamed them)
+            letters = ("lstream_events_rejected_total", "lstream_dead_letters_total")
+            outcomes = m.get("lstream_predictions_total", 0) + sum(v for k, v in m.items() if k.startswith(letters))
+            taken = max(m.get("lstream_events_in_total", 0), m.get("lstream_input_messages_total", 0))
+            if taken >= len(plan.messages) and outcomes >= want_out:
                 drained = time.monotonic() - t0
                 break
             time.sleep(0.25)
@@ -682,6 +684,9 @@ def check_edge(r: FuzzRun) -> tuple[list[str], int, int]:
     return bad, taken, refused
 
 
+WATCHED = ("lstream_events", "lstream_pred", "lstream_input", "lstream_dead")
+
+
 def check(r: FuzzRun, model_dir: str) -> dict[str, list[str]]:
     """Every check's failures (empty lists: passed)."""
     dl, _ = check_dead_letters(r)
@@ -689,7 +694,7 @@ def check(r: FuzzRun, model_dir: str) -> dict[str, list[str]]:
         "alive": [] if r.alive else [f"the worker died; log:\n{r.worker_log}"],
         "drained": [] if r.drained_s is not None else [
             f"not every outcome came out within the bound; metrics: "
-            f"{ {k: v for k, v in r.metrics.items() if k.startswith(('lstream_events', 'lstream_pred'))} }"],
+            f"{ {k: v for k, v in r.metrics.items() if k.startswith(WATCHED)} }"],
         "dead_letters": dl,
         "good_streams": check_good_streams(r, model_dir),
         "outputs_finite": check_outputs_finite(r),
