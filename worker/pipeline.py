@@ -94,8 +94,8 @@ class Prepared:
 def _start_of(loaded: Loaded) -> Start:
     """The positions a store load returned, as :class:`worker.plan.Start`."""
     pos = loaded.positions
-    return Start(pos.partition, pos.offset, pos.index, pos.ts, list(pos.event_id), loaded.found, loaded.reset,
-                 list(loaded.unreadable))
+    return Start(pos.partition, pos.offset, pos.index, pos.ts, list(pos.event_id), loaded.found,
+                 loaded.other_model, list(loaded.unreadable))
 
 
 def _landed(result: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +376,21 @@ class Pipeline:
 
     async def _load(self, ids: list[str]) -> tuple[Start, StreamStates]:
         """Load from Redis; a load that fails for good is bisected down to the streams whose
-        stored state cannot be read (those start fresh, marked unreadable: ``bad_state``)."""
+        stored state cannot be read (those start fresh, marked unreadable: ``bad_state``). If
+        every stream fails, the store is at fault, not a stream: the error is raised."""
+        try:
+            return await self._load_parts(ids)
+        except _Failed as failed:
+            start, states = failed.start, failed.states
+            if _systemic(failed.exc) or (len(ids) > 1 and all(u is not None for u in start.unreadable)):
+                self.faults.note(f"loading: {type(failed.exc).__name__}: {failed.exc}")
+                raise failed.exc from None
+            for sid, why in zip(ids, start.unreadable):
+                if why is not None:
+                    self.faults.note(f"loading stream {sid!r}: {why}")
+            return start, states
+
+    async def _load_parts(self, ids: list[str]) -> tuple[Start, StreamStates]:
         async def op() -> Any:
             t = time.perf_counter()
             loaded = await self.store.load(ids)
@@ -386,14 +400,23 @@ class Pipeline:
         try:
             loaded = await self.redis.run(op)
         except Exception as exc:
-            if len(ids) == 1:
-                start = Start.fresh(1)
-                start.unreadable[0] = f"{type(exc).__name__}: {exc}"
-                self.faults.note(f"loading stream {ids[0]!r}: {start.unreadable[0]}")
-                return start, self.engine.new_states(1)
+            if len(ids) == 1 or _systemic(exc):
+                start = Start.fresh(len(ids))
+                start.unreadable = [f"{type(exc).__name__}: {exc}"] * len(ids)
+                raise _Failed(exc, start, self.engine.new_states(len(ids))) from exc
             half = len(ids) // 2
-            (s1, st1), (s2, st2) = await self._load(ids[:half]), await self._load(ids[half:])
-            return Start.concat([s1, s2]), StreamStates.concat([st1, st2])
+            parts, first = [], None
+            for part in (ids[:half], ids[half:]):
+                try:
+                    parts.append(await self._load_parts(part))
+                except _Failed as failed:
+                    first = first or failed.exc
+                    parts.append((failed.start, failed.states))
+            start = Start.concat([p[0] for p in parts])
+            states = StreamStates.concat([p[1] for p in parts])
+            if first is not None:
+                raise _Failed(first, start, states) from None
+            return start, states
         return _start_of(loaded), loaded.states
 
     async def _emit(self, records: list[Output]) -> None:
@@ -441,6 +464,8 @@ class Pipeline:
         try:
             result = await self.redis.run(op)
         except Exception as exc:
+            if _systemic(exc):
+                raise
             if len(ids) == 1:
                 self.faults.unsaved += 1
                 self.faults.note(f"saving stream {ids[0]!r}: {type(exc).__name__}: {exc}")
@@ -468,6 +493,22 @@ class Pipeline:
         if ours.any():
             log.info("%d save(s) had landed on a first attempt whose reply was lost", int(ours.sum()))
         return landed
+
+
+class _Failed(Exception):
+    """A load that failed for some streams: what could be loaded, the others marked unreadable."""
+
+    def __init__(self, exc: Exception, start: Start, states: StreamStates) -> None:
+        super().__init__(str(exc))
+        self.exc, self.start, self.states = exc, start, states
+
+
+def _systemic(exc: BaseException) -> bool:
+    """Errors of the store itself, never of one stream's state (a wrong password after a
+    restart): no stream is dead-lettered for them; the batch waits and is retried."""
+    from state.errors import StateAuthError
+
+    return isinstance(exc, StateAuthError)
 
 
 def _rows_of(p: Plan, ids: list[str]) -> np.ndarray:

@@ -335,3 +335,50 @@ def test_dead_letter_of_a_700kb_key_and_290kb_value_reaches_the_real_broker(mode
     assert doc["error"] == "bad_json" and doc["key_truncated"] and doc["raw_truncated"]
     assert rec.key == key[:len(rec.key)] and len(rec.key) + len(rec.value) <= 1_000_000
     assert ku.read_all(broker_url, topics.predictions, count=1, timeout=30.0)[0].key == b"ok"
+
+
+class LoadFails:
+    """The real store whose load raises a deterministic error when ``poison`` is asked for
+    (``poison`` None: always): fault injection for the bisecting path."""
+
+    def __init__(self, store: StateStore, poison: str | None) -> None:
+        self._inner, self.poison, self.calls = store, poison, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def load(self, ids: Any) -> Any:
+        self.calls += 1
+        if self.poison is None or self.poison in ids:
+            from state.errors import StateError
+
+            raise StateError("ERR the server refused the load")
+        return await self._inner.load(ids)
+
+
+def test_a_load_failing_for_one_stream_is_narrowed_down_to_it(model, redis_url):
+    ids = [f"p{k}" for k in range(9)]
+
+    async def run():
+        pipe, store, sink, _ = await _setup(model, redis_url, store_wrapper=lambda s: LoadFails(s, "p6"))
+        res = await pipe.process([RawMessage(s.encode(), event(s, NOW - 5, [1.0]), 0, k) for k, s in enumerate(ids)])
+        await store.close()
+        return res, sink
+
+    res, sink = _run(run())
+    assert res.rejected == {"bad_state": 1} and res.applied == 8
+    (dead,) = sink.on("sensor-events-dlq")
+    assert dead["key"] == "p6" and "refused the load" in dead["detail"]
+
+
+def test_a_store_failing_for_every_stream_dead_letters_nothing(model, redis_url):
+    async def run():
+        pipe, store, sink, _ = await _setup(model, redis_url, store_wrapper=lambda s: LoadFails(s, None))
+        with pytest.raises(Exception, match="refused the load"):
+            await pipe.process([RawMessage(s.encode(), event(s, NOW - 5, [1.0]), 0, k)
+                                for k, s in enumerate(["a", "b", "c"])])
+        await store.close()
+        return pipe, sink
+
+    pipe, sink = _run(run())
+    assert sink.records == [] and "refused the load" in pipe.health()["last_failure"]
