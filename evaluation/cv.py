@@ -123,7 +123,7 @@ def collect(data_dir: str, windows_path: str, model_dir: str, *, workers: int = 
     return corpus
 
 
-@njit(cache=True)
+@njit  # not cached: numba's cache would not see a change in detector.update, which this calls
 def _run(err: np.ndarray, x: np.ndarray, p: np.ndarray, size: int, out: np.ndarray) -> None:
     st = np.zeros((1, size))
     buf = np.zeros(1)

@@ -35,8 +35,8 @@ difference is clipped to ``BIG``, so no finite input puts NaN or infinity into t
 
 The score is ``g / (1 + g)`` (0.5 when the error equals its recent record), or 1 on a range
 breakout or at the reading that completes a flat-line; 0 during the first ``warmup``
-errors. After a score at or over ``threshold`` the next ``refractory`` scores are
-multiplied by ``damp``, so one event is reported once.
+errors. After a score at or over ``threshold`` the next ``refractory`` scores are 0, so
+one event is reported once.
 
 At every scored step the state records which evidence decided the score (``reason``: an
 index into :data:`REASONS`) and the numbers behind it (``ev_*`` fields); :func:`explain`
@@ -74,8 +74,8 @@ True
 >>> bool(out[0] > 0.75), explain(st[0], 1)[0]
 (True, 'forecast_error')
 >>> update(st, np.array([[0.0]]), np.array([[7.0]]), np.array([True]), p, out)  # outside the range
->>> float(out[0]), explain(st[0], 1)[0]  # a breakout scores 1, damped: the refractory period runs
-(0.5, 'range_breakout')
+>>> float(out[0]), explain(st[0], 1)[0]  # a breakout, silenced: the jump's refractory period runs
+(0.0, 'range_breakout')
 >>> p = params(None)
 >>> st = np.zeros((1, state_size(1)))
 >>> for t in range(600):  # an exactly periodic signal; rounding makes tiny new extremes
@@ -134,8 +134,7 @@ DEFAULTS: dict[str, float] = {
     "trend": 800.0,  # readings the drift (mean signed step) is averaged over
     "habit": 20.0,  # breakouts on a stream that often breaks out need (1 + habit x its rate) times the evidence
     "still": 10.0,  # flat-line: this many unchanged readings, and twice the longest run seen before (0: off)
-    "refractory": 20.0,  # steps damped after a score at or over the threshold
-    "damp": 0.5,  # factor on the scores of those steps
+    "refractory": 20.0,  # steps silenced after a score at or over the threshold
 }
 
 
@@ -168,12 +167,11 @@ def params(cfg: Mapping[str, Any] | None) -> np.ndarray:
     for key in ("smooth", "block", "span", "trend", "memory"):
         if not c[key] >= 1:
             raise ValueError(f"detector {key}: expected at least 1, got {c[key]}")
-    for key in ("warmup", "margin", "novelty", "habit", "still", "refractory", "damp"):
+    for key in ("warmup", "margin", "novelty", "habit", "still", "refractory"):
         if not c[key] >= 0:
             raise ValueError(f"detector {key}: expected a number >= 0, got {c[key]}")
-    return np.array([c["smooth"], c["block"], c["warmup"], c["memory"] / BLOCKS, c["refractory"], c["damp"],
-                     c["threshold"], c["margin"], c["novelty"], c["span"], c["trend"], c["habit"], c["still"]],
-                    dtype=np.float64)
+    return np.array([c["smooth"], c["block"], c["warmup"], c["memory"] / BLOCKS, c["refractory"], c["threshold"],
+                     c["margin"], c["novelty"], c["span"], c["trend"], c["habit"], c["still"]], dtype=np.float64)
 
 
 def explain(row: np.ndarray, num_features: int) -> tuple[str, dict[str, float]]:
@@ -233,8 +231,8 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
     sensor units (finite). Streams with ``valid[i]`` False (their first reading: no forecast
     to compare yet) score 0; only their range and last reading are updated.
     """
-    smooth, block, warmup, rblock, refractory, damp, threshold = p[0], p[1], p[2], p[3], p[4], p[5], p[6]
-    margin, novelty, span, trend, habit, still = p[7], p[8], p[9], p[10], p[11], p[12]
+    smooth, block, warmup, rblock, refractory, threshold = p[0], p[1], p[2], p[3], p[4], p[5]
+    margin, novelty, span, trend, habit, still = p[6], p[7], p[8], p[9], p[10], p[11]
     n, f = err.shape
     lob = _FIXED
     hib = lob + f
@@ -348,7 +346,7 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
         quiet = st[1]
         if quiet > 0.0:
             quiet -= 1.0
-            raw *= damp
+            raw = 0.0
         elif raw >= threshold:
             quiet = refractory
         score[i] = min(max(raw, 0.0), 1.0)

@@ -102,7 +102,7 @@ class Reference:
                 raw = 1.0
         if self.quiet > 0:
             self.quiet -= 1
-            raw *= c["damp"]
+            raw = 0.0
         elif raw >= c["threshold"]:
             self.quiet = int(c["refractory"])
         self.block.append(self.s)
