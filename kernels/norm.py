@@ -4,9 +4,9 @@
 statistics online, an exponentially weighted mean and variance whose weight is ``1/count``
 until ``count`` reaches ``window`` (so the first ``window`` readings are a plain running
 mean) and ``1/window`` after, which lets the statistics follow slow drift. Scaled values are
-clipped to ``[-clip, clip]`` (stream mode; global mode only if it sets ``clip``) so that an early reading (little spread seen yet) or a wild
-spike cannot saturate the LSTM. Per stream the
-state is ``[count, mean_1..mean_F, var_1..var_F]`` (float64, kept in Redis as ``norm``).
+clipped to ``[-clip, clip]`` (stream mode; global mode only if it sets ``clip``) so
+that an early reading (little spread seen yet) or a wild spike cannot saturate the LSTM.
+Per stream the state is ``[count, mean_1..mean_F, var_1..var_F]`` (float64, kept in Redis as ``norm``).
 
 At each reading x_t the statistics are first updated with x_t, then x_t is scaled with
 them; the forecast made at t is scaled back with the same statistics. Training applies the
@@ -105,12 +105,9 @@ class Normalizer:
             _update(stats, x, self.window)
 
 
-def normalize_series(x: np.ndarray, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scale one stream's whole history as the worker would, reading by reading.
-
-    Returns ``z`` (T, F), the model inputs; ``target`` (T-1, F), the next reading scaled
-    with the statistics of the step that forecasts it; and the final ``norm`` vector.
-    """
+def series_stats(x: np.ndarray, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (mean, std) each reading of one stream is scaled with, reading by reading as the
+    worker does: ``means`` (T, F), ``stds`` (T, F) and the final ``norm`` vector."""
     x = np.asarray(x, dtype=np.float64)
     t, f = x.shape
     norm = Normalizer(cfg, f)
@@ -121,6 +118,18 @@ def normalize_series(x: np.ndarray, cfg: Mapping[str, Any]) -> tuple[np.ndarray,
         norm.observe(stats, x[i : i + 1])
         mean, std = norm.current(stats)
         means[i], stds[i] = mean[0], std[0]
+    return means, stds, stats[0].copy()
+
+
+def normalize_series(x: np.ndarray, cfg: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scale one stream's whole history as the worker would, reading by reading.
+
+    Returns ``z`` (T, F), the model inputs; ``target`` (T-1, F), the next reading scaled
+    with the statistics of the step that forecasts it; and the final ``norm`` vector.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norm = Normalizer(cfg, x.shape[1])
+    means, stds, final = series_stats(x, cfg)
     z = norm.scale(x, means, stds)
     target = norm.scale(x[1:], means[:-1], stds[:-1])
-    return z, target, stats[0].copy()
+    return z, target, final

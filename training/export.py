@@ -84,13 +84,14 @@ def _head_layers(head: Any, activations: Sequence[str | None] | None) -> list[tu
 def export_model(lstm: Any, head: Any, out_dir: str | os.PathLike[str], *,
                  activations: Sequence[str | None] | None = None, features: Sequence[str],
                  norm: Mapping[str, Any], detector: Mapping[str, Any] | None = None,
-                 meta: Mapping[str, Any] | None = None) -> str:
+                 meta: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> str:
     """Write ``model.json`` + ``weights.npz`` for ``lstm`` and ``head`` into ``out_dir``.
 
     ``head`` is a list of ``nn.Linear`` (``activations`` gives each one's "relu", "tanh" or
     None) or an ``nn.Sequential`` of Linear/ReLU/Tanh (activations read from it). ``detector``
     becomes model.json's ``detector`` defaults and ``meta`` (training metadata) its
-    ``training`` object. Returns the version, ``"m-"`` + 8 hex digits of sha256 over the
+    ``training`` object; ``extra`` adds top-level keys (``residual``, ``adapt``: see
+    docs/forecasting.md). Returns the version, ``"m-"`` + 8 hex digits of sha256 over the
     weights. The artifact is read back with the kernels' loader before returning.
     """
     import torch
@@ -123,5 +124,6 @@ def export_model(lstm: Any, head: Any, out_dir: str | os.PathLike[str], *,
         "norm": _jsonable(dict(norm)),
         "detector": _jsonable(dict(detector or {})),
         "training": _jsonable(dict(meta or {})),
+        **_jsonable(dict(extra or {})),
     }
     return write_artifact(out_dir, model_json, arrays)

@@ -11,6 +11,7 @@ array([0., 1., 3.])
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -36,7 +37,8 @@ def _pyplot() -> Any:
 
 
 def plot_losses(history: dict[str, list[float]], path: str | os.PathLike[str], best_epoch: int = 0) -> None:
-    """Train and validation loss per epoch (log scale), the kept epoch marked."""
+    """Train and validation loss per validation round (log scale), the kept round marked, and
+    on a second axis the validation MASE against persistence and seasonal-naive (1 = as good)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     for key, style in (("train", "-o"), ("val", "-s")):
@@ -44,13 +46,25 @@ def plot_losses(history: dict[str, list[float]], path: str | os.PathLike[str], b
         if vals:
             ax.plot(range(1, len(vals) + 1), vals, style, ms=3, label=f"{key} loss")
     if best_epoch:
-        ax.axvline(best_epoch, color="grey", ls=":", label=f"kept: epoch {best_epoch}")
+        ax.axvline(best_epoch, color="grey", ls=":", label=f"kept: round {best_epoch}")
     ax.set_yscale("log")
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("validation round")
     ax.set_ylabel("MSE (model units)")
-    ax.set_title("training loss")
+    ax.set_title("training loss and validation MASE")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    mase = [(k, lab) for k, lab in (("mase", "val MASE vs persistence"),
+                                    ("mase_seasonal", "val MASE vs seasonal-naive")) if history.get(k)]
+    if mase:
+        ax2 = ax.twinx()
+        for (key, label), color in zip(mase, ("tab:green", "tab:red")):
+            vals = [math.nan if v is None else v for v in history[key]]
+            ax2.plot(range(1, len(vals) + 1), vals, "--", color=color, label=label)
+        ax2.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax2.set_ylabel("MASE (< 1: better)")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

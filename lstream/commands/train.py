@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 from lstream.cli import CliError
 
-_D = {"hidden": 64, "layers": 2, "epochs": 30}  # documented in the README usage line
+_D = {"hidden": 64, "layers": 2, "epochs": 30, "steps": 1000}  # documented in the README usage line
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -41,6 +41,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     model.add_argument("--head", choices=("linear", "mlp"), default="mlp",
                        help="linear: LSTM -> Linear; mlp: LSTM -> Linear(relu) -> Linear")
     model.add_argument("--head-hidden", type=int, default=32, help="width of the mlp head's hidden layer")
+    model.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True,
+                       help="the network predicts the change from the last reading (model.json residual)")
+    model.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=True,
+                       help="per-stream online adaptation at run time (model.json adapt, kernels/adapt.py)")
+    model.add_argument("--season", type=int, default=0,
+                       help="seasonal-naive period in steps for the validation MASE (0: one day by the timestamps)")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout between layers (training only)")
     model.add_argument("--norm", choices=("stream", "global"), default="stream",
                        help="stream: each stream's own online statistics; global: the training set's mean/std")
@@ -48,9 +54,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                        help="stream norm: readings the running statistics average over")
     model.add_argument("--min-std", type=float, default=STREAM_DEFAULTS["min_std"],
                        help="floor of the scale, relative to 1 + |mean|")
-    model.add_argument("--clip", type=float, default=STREAM_DEFAULTS["clip"], help="scaled readings are clipped to +-clip")
+    model.add_argument("--clip", type=float, default=STREAM_DEFAULTS["clip"],
+                       help="scaled readings are clipped to +-clip")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=_D["epochs"], help="maximum epochs")
+    opt.add_argument("--epochs", type=int, default=_D["epochs"],
+                     help="maximum passes over every training window (ignored with --steps)")
+    opt.add_argument("--steps", type=int, default=_D["steps"],
+                     help="optimiser steps in all (0: --epochs passes); validation about 20 times per run")
+    opt.add_argument("--eval-every", type=int, default=0, help="with --steps: optimiser steps between validations")
+    opt.add_argument("--stride", type=int, default=16, help="steps between the starts of overlapping training windows")
     opt.add_argument("--batch-size", type=int, default=64, help="windows per batch")
     opt.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     opt.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (L2)")
@@ -59,7 +71,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     opt.add_argument("--burn-in", type=int, default=64, help="steps fed before a window's loss starts")
     opt.add_argument("--warmup", type=int, default=50,
                      help="stream norm: first targets of each stream left out of the loss")
-    opt.add_argument("--val-split", type=float, default=0.2, help="last fraction of each stream held out for validation")
+    opt.add_argument("--val-split", type=float, default=0.2,
+                     help="last fraction of each stream held out for validation")
     opt.add_argument("--patience", type=int, default=5, help="epochs without a better validation loss before stopping")
     opt.add_argument("--seed", type=int, default=0, help="random seed (same seed, same data: same model)")
     opt.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -86,7 +99,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     cfg = TrainConfig(hidden=args.hidden, layers=args.layers, head=args.head, head_hidden=args.head_hidden,
                       dropout=args.dropout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       weight_decay=args.weight_decay, clip_grad=args.clip_grad, window=args.window,
-                      burn_in=args.burn_in, warmup=args.warmup, val_split=args.val_split,
+                      burn_in=args.burn_in, warmup=args.warmup, stride=args.stride, steps=args.steps,
+                      eval_every=args.eval_every, residual=args.residual, season=args.season, val_split=args.val_split,
                       patience=args.patience, seed=args.seed, norm=args.norm, norm_window=args.norm_window,
                       min_std=args.min_std, clip=args.clip, threads=args.threads, progress=not args.quiet)
     try:
@@ -113,15 +127,27 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         data.append({"synthetic": {"streams": args.synthetic, "steps": args.synthetic_steps,
                                    "seed": args.synthetic_seed, "features": k, "anomaly_rate": 0.0,
                                    "generator": "series/synthetic.py"}})
-    from training.train import save, train
+    from training.train import save, train, warning
 
     if not args.quiet:
         rows = sum(len(s) for s in streams)
         print(f"training on {len(streams)} stream(s), {rows} readings, features {streams[0].features}, "
               f"norm {cfg.norm}", file=sys.stderr)
     result = train(streams, cfg)
-    version = save(result, args.out, streams[0].features, data)
+    from kernels.adapt import DEFAULTS as ADAPT_DEFAULTS
+
+    adapt = dict(ADAPT_DEFAULTS) if args.adapt else {"enabled": False}
+    version = save(result, args.out, streams[0].features, data, adapt=adapt)
     val = "-" if result.val_loss is None else f"{result.val_loss:.5f}"
-    print(f"wrote {args.out} version {version}: epochs {result.epochs_run} (kept {result.best_epoch}), "
-          f"train loss {result.train_loss:.5f}, val loss {val}, {result.seconds:.0f}s; loss curve {args.out}/loss.png")
+
+    def ratio(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    print(f"wrote {args.out} version {version}: {result.optimiser_steps} steps, rounds {result.epochs_run} "
+          f"(kept {result.best_epoch}), train loss {result.train_loss:.5f}, val loss {val}, "
+          f"val MASE vs persistence {ratio(result.val_mase)}, vs seasonal-naive {ratio(result.val_mase_seasonal)}"
+          f" (season {result.season or '-'} steps), {result.seconds:.0f}s; loss curve {args.out}/loss.png")
+    alarm = warning(result)
+    if alarm:
+        print(alarm, file=sys.stderr)
     return 0
