@@ -322,6 +322,120 @@ def start_cluster(primaries: int = 3) -> Iterator[list[str]]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def start_server(*extra: str) -> Iterator[str]:
+    """A throwaway redis-server on a free port with ``extra`` arguments; yields its URL."""
+    from lstream.devservices import _wait_for_port, child_setup, free_port
+
+    tmp = Path(tempfile.mkdtemp(prefix="lstream-redis-"))
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp),
+                             "--save", "", *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=child_setup())
+    try:
+        _wait_for_port(port, proc, "redis-server", 15.0)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _save_cost(url: str, durability: str, n: int, reps: int) -> tuple[float, float]:
+    """(ms per fenced save of n streams, client CPU us per stream) with ``durability``."""
+    store = await StateStore.connect(url, model_version="m-bench", num_layers=LAYERS, hidden_size=HIDDEN,
+                                     input_size=FEATURES, prefix="lstream-bench", fresh=_fresh, durability=durability)
+    try:
+        st = _states(n, np.random.default_rng(1))
+        ids = [f"dur-{i}" for i in range(n)]
+        zero = np.zeros(n, np.int64)
+        walls, cpus = [], []
+        for r in range(reps + 1):
+            pos = Positions.build(zero, np.full(n, r + 1), zero, np.full(n, 1.7e9 + r))
+            t0, c0 = time.perf_counter(), time.process_time()
+            saved = await store.save(ids, st, pos)
+            if r:  # the first is a warm-up
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+            if not saved.applied.all():
+                raise RuntimeError("bench: durability saves refused")
+        return float(np.median(walls)) * 1e3, float(np.median(cpus)) / n * 1e6
+    finally:
+        await store.close()
+
+
+def durability_table(n: int = 256, reps: int = 30) -> str:
+    """The cost of each durability setting: a fenced save of n streams, ms per batch."""
+    lines = [f"durability cost: one fenced save of {n} streams (states 2 x 64), median of {reps}",
+             f"{'server persistence':<34} {'durability':<12} {'ms/save':>8} {'client us/stream':>17}"]
+
+    def row(persistence: str, durability: str, url: str) -> None:
+        try:
+            ms, cpu = asyncio.run(_save_cost(url, durability, n, reps))
+            lines.append(f"{persistence:<34} {durability:<12} {ms:>8.2f} {cpu:>17.1f}")
+        except Exception as exc:
+            lines.append(f"{persistence:<34} {durability:<12} {'n/a':>8}  {str(exc)[:70]}")
+
+    with start_server("--appendonly", "no") as url:
+        row("none", "none", url)
+    with start_server("--appendonly", "yes", "--appendfsync", "everysec") as url:
+        row("aof, appendfsync everysec", "none", url)
+        row("aof, appendfsync everysec", "aof-local", url)
+    with start_server("--appendonly", "yes", "--appendfsync", "always") as url:
+        row("aof, appendfsync always", "none", url)
+    with start_server("--appendonly", "no") as url:
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        with start_server("--appendonly", "no", "--replicaof", "127.0.0.1", port) as replica:
+            client = __import__("redis").Redis.from_url(replica)
+            deadline = time.monotonic() + 10
+            while client.info("replication").get("master_link_status") != "up" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            row("none + 1 replica", "replicas=1", url)
+    return "\n".join(lines)
+
+
+def memory_table(total: int = 4096) -> str:
+    """Redis used_memory per stream (default model shape 2 x 32, 1 feature), by hash encoding."""
+    lines = [f"Redis memory per stream, {total} streams of 2 x 32, F=1 (hash + index entry)",
+             f"{'hash-max-listpack-value':<24} {'encoding':<10} {'used_memory/stream':>19} {'MEMORY USAGE':>13}"]
+
+    async def one(url: str) -> tuple[str, float, int]:
+        import redis.asyncio as r
+
+        c = r.from_url(url)
+        store = await StateStore.connect(url, model_version="m-mem", num_layers=2, hidden_size=32, input_size=1,
+                                         fresh=lambda k: StreamStates.zeros(k, 2, 32, 1, adapt=0))
+        try:
+            base = (await c.info("memory"))["used_memory"]
+            n = 256
+            st = StreamStates.zeros(n, 2, 32, 1, adapt=0)
+            rng = np.random.default_rng(0)
+            st.h[:] = rng.standard_normal(st.h.shape)
+            st.c[:] = st.h
+            st.anomaly[:] = rng.standard_normal(st.anomaly.shape)
+            zero = np.zeros(n, np.int64)
+            for b in range(total // n):
+                await store.save([f"m{b}-{i}" for i in range(n)], st,
+                                 Positions.build(zero, zero, zero, np.ones(n), [f"e-{i}" for i in range(n)]))
+            per = ((await c.info("memory"))["used_memory"] - base) / total
+            enc = (await c.object("encoding", "lstream:state:{m0-1}")).decode()
+            usage = await c.memory_usage("lstream:state:{m0-1}", samples=0)
+            return enc, per, int(usage)
+        finally:
+            await store.close()
+            await c.aclose()
+
+    for lp in ("64", "1024"):
+        with start_server("--appendonly", "no", "--hash-max-listpack-value", lp) as url:
+            enc, per, usage = asyncio.run(one(url))
+        lines.append(f"{lp + (' (default)' if lp == '64' else ''):<24} {enc:<10} {per:>19.0f} {usage:>13}")
+    return "\n".join(lines)
+
+
 METHODS = ("store", "store-save", "redis-py", "mget/mset", "get+set")
 
 
@@ -332,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,64,256,1024", help="batch sizes, comma separated")
     ap.add_argument("--budget", type=float, default=1.0, help="rough seconds per measurement")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma separated subset of " + ",".join(METHODS))
+    ap.add_argument("--durability", action="store_true", help="also measure the durability settings' cost")
+    ap.add_argument("--memory", action="store_true", help="also measure Redis memory per stream")
     ap.add_argument("--quick", action="store_true", help="small sizes and budget (a smoke run)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -350,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cluster:
         with start_cluster() as urls:
             print(table(asyncio.run(_run(urls[0], sizes, budget, urls, True, methods)), ", 3-primary cluster"))
+    if args.durability:
+        print(durability_table())
+    if args.memory:
+        print(memory_table())
     return 0
 
 

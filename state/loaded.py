@@ -158,6 +158,7 @@ def _fill(st: StreamStates, cols: list[tuple[Any, ...]], ok: list[int], layout_c
         if isinstance(got, str):
             unreadable[i] = got
     rows = [i for i in ok if unreadable[i] is None]
+    tags = {layout_col[i] for i in rows}  # usually one: every stream saved by this lstream
     for name in field_names():
         dest = getattr(st, name)
         spec = layout_of(name, dest.dtype)
@@ -172,8 +173,8 @@ def _fill(st: StreamStates, cols: list[tuple[Any, ...]], ok: list[int], layout_c
         shape = dest.shape[1:]
         width = int(np.prod(shape, dtype=np.int64)) * dest.itemsize
         want = spec.version
-        same = all(isinstance(layouts[layout_col[i]], dict) and
-                   layouts[layout_col[i]].get(name, 1) == want for i in rows)  # type: ignore[union-attr]
+        same = all(isinstance(layouts[t], dict) and layouts[t].get(name, 1) == want  # type: ignore[union-attr]
+                   for t in tags)
         if not spec.text and same and None not in vals:
             blob = b"".join(vals)
             if len(blob) == width * len(vals):

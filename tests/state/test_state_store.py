@@ -586,3 +586,39 @@ def test_save_rejects_bad_input(redis_url: str) -> None:
         connect(redis_url, policy="maybe")
     with pytest.raises(StateError, match="durability: expected none, aof-local or replicas=N"):
         connect(redis_url, durability="sometimes")
+
+
+def test_durability_replicas_waits_for_a_replica() -> None:
+    """``replicas=1``: with a replica attached the save returns applied; with none, the save
+    raises StateUnavailable after the wait (the write is there: the retry reports ``already``)."""
+    from benchmarks.state import start_server
+
+    ids = ["dur-a", "dur-b"]
+    pos = Positions.build(arr(0, 0), arr(5, 5), arr(0, 0), [1.0, 1.0], ["e5", None])
+
+    async def go(url: str) -> Any:
+        store = await aconnect(url, durability="replicas=1")
+        try:
+            return await store.save(ids, filled(2, 1.0), pos)
+        finally:
+            await store.close()
+
+    with start_server("--appendonly", "no") as url:
+        with pytest.raises(StateUnavailable, match=r"0 of 1 replica\(s\) acknowledged"):
+            run(lambda: go(url))
+        assert redis.Redis.from_url(url).hget(codec.state_key("dur-a"), "offset") == b"5"  # it did land
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        with start_server("--appendonly", "no", "--replicaof", "127.0.0.1", port) as replica:
+            r = redis.Redis.from_url(replica)
+            deadline = time.monotonic() + 10
+            while r.info("replication").get("master_link_status") != "up":
+                assert time.monotonic() < deadline, "the replica never synced"
+                time.sleep(0.05)
+            # The caller's retry of the same save: already there, and now acknowledged.
+            assert run(lambda: go(url)).code.tolist() == [ALREADY, ALREADY]
+            pos = Positions.build(arr(0, 0), arr(6, 6), arr(0, 0), [2.0, 2.0])
+            assert run(lambda: go(url)).code.tolist() == [APPLIED, APPLIED]
+            deadline = time.monotonic() + 5
+            while r.hget(codec.state_key("dur-a"), "offset") != b"6":  # WAIT said it got there
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
