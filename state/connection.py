@@ -39,7 +39,7 @@ from state.errors import StateAuthError, StateError, StateUnavailable
 try:
     import hiredis
 except ImportError:  # redis-py then packs in Python: correct, slower
-    hiredis = None
+    hiredis = None  # type: ignore[assignment]
 
 T = TypeVar("T")
 # Error replies that mean "not now": the server is loading, busy, failing over, or the cluster

@@ -1,26 +1,27 @@
 -- Fenced save of a batch of stream states (lstream, docs/state.md). Atomic per call: the
 -- check and the write of every stream run in one script, so no reader ever sees a state
 -- without the position it reflects.
+-- The store fills in FIELDS (the hash field names of the StreamStates fields, the "stable" ones
+-- first: written only when the stored value differs) and STABLE (how many are stable) from the
+-- layout table (kernels/states.py) before loading this script.
 -- KEYS[1..n]: the streams' hashes, lstream:state:{<stream_id>}
--- ARGV[1]: k, the number of state fields per stream; ARGV[2]: s, how many of them (the first s)
---   are "stable" (written only when the stored value differs); ARGV[3..k+2]: their field names
--- ARGV[k+3..k+8]: model, layers, hidden, layout, updated_at, TTL in ms (0 = keep forever)
+-- ARGV[1..6]: model, layers, hidden, layout, updated_at, TTL in ms (0 = keep forever)
 -- then per stream, 5 + k values: partition, offset, index, ts, event_id ('' = none), the k fields
 -- Returns one code per stream: 1 applied; 3 already stored (the stored position and event_id
 -- are exactly this save's: our own earlier write, whose reply was lost); 0 refused (a newer
 -- position is stored); 2 refused (event_id equal to the stored one: a duplicate).
-local k, s = tonumber(ARGV[1]), tonumber(ARGV[2])
-local h = k + 2
-local model, layers, hidden, layout, updated = ARGV[h + 1], ARGV[h + 2], ARGV[h + 3], ARGV[h + 4], ARGV[h + 5]
-local ttl = tonumber(ARGV[h + 6])
-local base, width = h + 6, 5 + k
+local names = {--[[FIELDS]]}
+local k, s = #names, --[[STABLE]]0
+local model, layers, hidden, layout, updated = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ttl = tonumber(ARGV[6])
+local base, width = 6, 5 + k
 if #ARGV ~= base + width * #KEYS then
   return redis.error_reply('ERR lstream fence: expected ' .. (base + width * #KEYS) .. ' arguments for ' ..
     #KEYS .. ' streams, got ' .. #ARGV)
 end
 -- What the fence reads: the position, then the fields written only when they changed.
 local read = {'partition', 'offset', 'index', 'ts', 'event_id', 'model', 'layers', 'hidden', 'layout'}
-for j = 1, s do read[9 + j] = ARGV[2 + j] end
+for j = 1, s do read[9 + j] = names[j] end
 local meta = {'model', model, 'layers', layers, 'hidden', hidden, 'layout', layout}
 local args = {}
 local out = {}
@@ -57,7 +58,7 @@ for i = 1, #KEYS do
     end
     for j = 1, k do
       local v = ARGV[a + 5 + j]
-      if j > s or cur[9 + j] ~= v then m = m + 2; args[m - 1] = ARGV[2 + j]; args[m] = v end
+      if j > s or cur[9 + j] ~= v then m = m + 2; args[m - 1] = names[j]; args[m] = v end
     end
     if eid ~= '' then
       if cur[5] ~= eid then m = m + 2; args[m - 1] = 'event_id'; args[m] = eid end

@@ -52,6 +52,20 @@ FENCE_LUA = (HERE / "fence.lua").read_text()
 LOAD_LUA = (HERE / "load.lua").read_text()
 
 
+def fence_source(names: Sequence[str], stable: int) -> str:
+    """``state/fence.lua`` for these StreamStates fields (the first ``stable`` of them compared
+    before they are written): the names are constants of the script, not arguments of every call.
+
+    >>> "local names = {'norm', 'h'}" in fence_source(["norm", "h"], 1)
+    True
+    """
+    for n in names:
+        if not n.isidentifier():
+            raise StateError(f"state field name: expected an identifier, got {n!r}")
+    listed = ", ".join(f"'{n}'" for n in names)
+    return FENCE_LUA.replace("{--[[FIELDS]]}", "{" + listed + "}").replace("--[[STABLE]]0", str(int(stable)))
+
+
 class StateStore:
     """Async store of per-stream state in one Redis or one Redis Cluster. Build it with :meth:`connect`."""
 
@@ -87,6 +101,7 @@ class StateStore:
 
         self._order = tuple([n for n in self._names if stable(n)] + [n for n in self._names if not stable(n)])
         self._stable = sum(stable(n) for n in self._names)
+        self._fence_src = fence_source(self._order, self._stable)
         self._keys: dict[str, str] = {}
         # Counters for /metrics.
         self.loads = 0  # streams loaded
@@ -139,9 +154,9 @@ class StateStore:
     async def _load_scripts(self) -> None:
         c = self.conn
         if c.cluster:  # RedisCluster sends SCRIPT LOAD to every primary
-            self._fence_sha = await c.call(c.client.script_load(FENCE_LUA), "SCRIPT LOAD")
+            self._fence_sha = await c.call(c.client.script_load(self._fence_src), "SCRIPT LOAD")
         else:
-            self._fence_sha = await c.call(c.client.script_load(FENCE_LUA), "SCRIPT LOAD")
+            self._fence_sha = await c.call(c.client.script_load(self._fence_src), "SCRIPT LOAD")
             self._load_sha = await c.call(c.client.script_load(LOAD_LUA), "SCRIPT LOAD")
         if isinstance(self._fence_sha, dict):  # RedisCluster: one answer per node, all the same SHA1
             self._fence_sha = next(iter(self._fence_sha.values()))
@@ -288,8 +303,7 @@ class StateStore:
                 blob = flat.tobytes()
                 w = flat.shape[1] * flat.itemsize
                 cols.append([blob[i:i + w] for i in range(0, n * w, w)] if w else [b""] * n)
-        head = [len(names), self._stable, *names, self._model_b, self.num_layers, self.hidden_size, self._layout_b,
-                repr(now), round(self.ttl * 1000)]
+        head = [self._model_b, self.num_layers, self.hidden_size, self._layout_b, repr(now), round(self.ttl * 1000)]
         return head, [list(r) for r in zip(*cols)]
 
     async def _save_single(self, keys: list[str], head: list[Any], rows: list[list[Any]], ids: Sequence[str],
