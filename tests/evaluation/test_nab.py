@@ -122,7 +122,7 @@ def test_two_workers_give_the_same_scores_as_one(corpus: dict[str, str]) -> None
 
 def test_detector_settings_can_be_overridden(corpus: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["nab", "--data", corpus["data"], "--windows", corpus["windows"], "--model", corpus["model"],
-                 "--workers", "1", "--set", "tol=10", "--set", "threshold=0.95"], env={})
+                 "--workers", "1", "--set", "margin=10", "--set", "threshold=0.95"], env={})
     out = capsys.readouterr().out
     assert code == 0
     assert "at the engine's threshold 0.95" in out
