@@ -12,10 +12,10 @@ Methods:
 
 * ``store``: :meth:`StateStore.load` + :meth:`StateStore.save` (the product's path);
 * ``store-save``: :meth:`StateStore.save` alone (the save's own server cost);
-* ``redis-py``: the same fenced load + save done the obvious way with redis-py's own
-  ``pipeline(transaction=False)``: one ``HMGET`` per stream, then one ``Script`` call
-  (``EVALSHA``) per stream running a one-key fence (the layout of ``state/fence.lua`` before the
-  batched script), plus the index ``ZADD``;
+* ``redis-py``: the fenced load + save as lstream did it before (one ``HMGET`` per stream, then
+  one ``EVALSHA`` per stream of the old one-key fence, plus the index ``ZADD``), sent through
+  redis-py's own ``pipeline(transaction=False)`` and ``Script``: the same server work as the
+  old hand-framed path (its server columns are the "before" of the batched fence);
 * ``mget/mset``: the same bytes as one blob per stream, one ``MGET`` and one ``MSET`` (in a
   cluster: redis-py's ``mget_nonatomic``/``mset_nonatomic``), decoded back into arrays (no
   fencing, no fields: the floor for a batched store);
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shutil
+import struct
 import subprocess
 import tempfile
 import time
@@ -50,19 +51,70 @@ from state.store import StateStore
 LAYERS, HIDDEN, FEATURES = 2, 64, 1
 ROUNDS = 3
 
-# The one-key fence of the per-stream path (as lstream had it before the batched script): read
-# the position, compare, write every field, keep the TTL.
-PER_STREAM_FENCE = """
-local cur = redis.call('HMGET', KEYS[1], 'partition', 'offset', 'index', 'event_id')
-local p, o, i = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if cur[1] then
-  local cp, co, ci = tonumber(cur[1]), tonumber(cur[2]), tonumber(cur[3])
-  if cp == p and not (o > co or (o == co and i > ci)) then return 0 end
-  if ARGV[1] ~= '' and cur[4] == ARGV[1] then return 2 end
+# The one-key fence lstream used before the batched script (state/fence.lua as of 1aa2f95,
+# verbatim): one EVALSHA per stream, numbers as 56 binary bytes formatted to decimal in Lua. Run
+# through redis-py's pipeline it does on the server exactly what the old hand-framed path did, so
+# its server CPU column is the "before" of the batched fence.
+PER_STREAM_FENCE = r"""
+-- Fenced save of one stream's state (lstream). Atomic: the check and the write run as one
+-- script, so no reader ever sees a state without the position it reflects.
+-- KEYS[1]: the stream's hash, lstream:state:{<stream_id>}
+-- ARGV[1]: event_id ('' = none)
+-- ARGV[2]: the numbers, 56 bytes little-endian: int64 partition, offset, index, steps,
+--          episode; float64 ts, updated_at. They are stored as decimal strings (binary on
+--          the wire saves the client from formatting them; integers must stay below 2^53).
+-- ARGV[3]: model version; ARGV[4]: TTL in ms (0 = keep forever)
+-- ARGV[5..9]: h, c, pred, norm, anomaly (raw little-endian bytes, stored as they come)
+-- Returns 1 applied, 0 refused (position not newer than the stored one),
+--         2 refused (event_id equal to the stored one: a duplicate).
+local key = KEYS[1]
+local eid = ARGV[1]
+if #ARGV[2] ~= 56 then
+  return redis.error_reply('ERR lstream fence: expected 56 bytes of numbers, got ' .. #ARGV[2])
 end
-redis.call('HSET', KEYS[1], 'partition', ARGV[2], 'offset', ARGV[3], 'index', ARGV[4], 'ts', ARGV[5],
-  'steps', ARGV[6], 'episode', ARGV[7], 'model', ARGV[8], 'h', ARGV[9], 'c', ARGV[10], 'pred', ARGV[11],
-  'norm', ARGV[12], 'anomaly', ARGV[13], 'updated_at', ARGV[14], 'event_id', ARGV[1])
+local p, o, i, nsteps, nepisode, nts, nupdated = struct.unpack('<i8<i8<i8<i8<i8<d<d', ARGV[2])
+-- Shortest of %.15g/%.16g/%.17g that reads back as the same double (like Python's repr).
+local function dec(x)
+  for _, f in ipairs({'%.15g', '%.16g', '%.17g'}) do
+    local s = string.format(f, x)
+    if tonumber(s) == x then return s end
+  end
+  return string.format('%.17g', x)
+end
+local ps, ofs, is = string.format('%d', p), string.format('%d', o), string.format('%d', i)
+local ts, updated = dec(nts), dec(nupdated)
+local cur = redis.call('HMGET', key, 'partition', 'offset', 'index', 'ts', 'event_id', 'updated_at')
+if cur[1] or cur[2] then
+  local cp, co, ci = tonumber(cur[1]) or -1, tonumber(cur[2]) or -1, tonumber(cur[3]) or 0
+  local newer
+  if cp == p then
+    newer = o > co or (o == co and i > ci)
+  else
+    -- The stream moved to another partition (repartitioned topic, new gateway key): offsets
+    -- of two partitions do not compare, so event time decides.
+    newer = nts >= (tonumber(cur[4]) or 0)
+  end
+  if not newer then
+    -- Our own write sent again after a lost reply: report it as applied.
+    if cp == p and o == co and i == ci and cur[6] == updated then return 1 end
+    return 0
+  end
+  if eid ~= '' and cur[5] == eid then return 2 end
+end
+redis.call('HSET', key, 'h', ARGV[5], 'c', ARGV[6], 'pred', ARGV[7], 'model', ARGV[3],
+  'steps', string.format('%d', nsteps), 'partition', ps, 'offset', ofs, 'index', is, 'ts', ts, 'norm', ARGV[8],
+  'anomaly', ARGV[9], 'episode', string.format('%d', nepisode), 'updated_at', updated)
+if eid == '' then
+  redis.call('HDEL', key, 'event_id')
+else
+  redis.call('HSET', key, 'event_id', eid)
+end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('PEXPIRE', key, ttl)
+else
+  redis.call('PERSIST', key)
+end
 return 1
 """
 READ_FIELDS = ("h", "c", "pred", "model", "steps", "partition", "offset", "index", "ts", "event_id", "norm",
@@ -210,13 +262,13 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                 h = loaded.h.reshape(n, -1)
                 c = loaded.c.reshape(n, -1)
                 pred = loaded.pred.reshape(n, -1)
-                now = repr(time.time())
-                off, tss = b"%d" % (r + 10), repr(float(ts[0]) + r + 10)
+                now = time.time()
                 pipe = client.pipeline(transaction=False)
                 for j, k in enumerate(pkeys):
-                    argv = [f"{eids[j]}-{r}", 0, off, 0, tss, int(loaded.steps[j]), int(loaded.episode[j]),
-                            "m-bench", h[j].tobytes(), c[j].tobytes(), pred[j].tobytes(), loaded.norm[j].tobytes(),
-                            loaded.anomaly[j].tobytes(), now]
+                    nums = struct.pack("<qqqqqdd", 0, r + 10, 0, int(loaded.steps[j]), int(loaded.episode[j]),
+                                       float(ts[0]) + r + 10, now)
+                    argv = [f"{eids[j]}-{r}", nums, "m-bench", 0, h[j].tobytes(), c[j].tobytes(), pred[j].tobytes(),
+                            loaded.norm[j].tobytes(), loaded.anomaly[j].tobytes()]
                     if cluster:  # redis-py's cluster pipeline blocks .evalsha(); the raw command is routed by key
                         pipe.execute_command("EVALSHA", fence.sha, 1, k, *argv)
                     else:
