@@ -204,3 +204,31 @@ def test_time_column(broker_url: str, tmp_path: Path, capsys: pytest.CaptureFixt
     assert sorted(e["ts"] for e in events) == [1704067200.0, 1704067260.0]
     assert main(["produce", str(path), "--time-column", "nope"], env) == 2
     assert "no time column 'nope'" in capsys.readouterr().err
+
+
+def test_progress_bar_on_a_terminal(broker_url: str) -> None:
+    """With stderr on a terminal, produce draws a rich progress bar there (and still succeeds)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    topic = ku.unique_topic("produce-tty")
+    leader, follower = pty.openpty()
+    env = {**os.environ, **_env(broker_url, topic), "COLUMNS": "100", "TERM": "xterm"}
+    proc = subprocess.run([sys.executable, "-m", "lstream.cli", "produce", "--synthetic", "2", "--steps", "400",
+                           "--ts-now"], env=env, stderr=follower, stdout=subprocess.PIPE, timeout=120)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # the pty is closed and drained
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.returncode == 0
+    assert b"produced 800 events" in proc.stdout
+    assert b"producing" in b"".join(chunks)
