@@ -30,6 +30,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -78,7 +79,7 @@ def synthetic_feeds(n_streams: int, n_steps: int, *, seed: int = 0, num_features
     """Feeds from ``series.synthetic.generate`` (seasonal signals with injected anomalies)."""
     from series.synthetic import generate
 
-    extra: dict[str, float] = {}
+    extra: dict[str, Any] = {}
     if anomaly_rate is not None:
         extra["anomaly_rate"] = anomaly_rate
     if start_ts is not None:

@@ -158,7 +158,7 @@ class Tally:
         steps = {s.stream_id: len(s.ts) for s in scenario.streams}
         self.expected = {sid: np.full(n, np.nan) for sid, n in steps.items()}
         self.score = {sid: np.full(n, np.nan) for sid, n in steps.items()}
-        self._windows = {}
+        self._windows: dict[str, list[tuple[int, int]]] = {}
         for ep in scenario.episodes:
             self._windows.setdefault(ep.stream_id, []).append((ep.start, ep.end + tolerance))
 
@@ -211,4 +211,4 @@ class Tally:
     def result(self) -> Score:
         # Sorted: alerts arrive in a different order each run (one partition at a time).
         alerts = sorted((a.stream_id, a.row) for a in self.alerts if a.row is not None)
-        return match_alerts(self.scenario.episodes, alerts, self.tolerance)  # type: ignore[arg-type]
+        return match_alerts(self.scenario.episodes, alerts, self.tolerance)
