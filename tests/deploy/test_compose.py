@@ -44,6 +44,7 @@ IMAGE_COMMANDS = {
     "redis": {"/bin/sh", "sh", "redis-cli", "redis-server", "docker-entrypoint.sh", "grep", "echo", "printf",
               "chown", "cat"},
     "lstream": {"python", "lstream", "/bin/sh", "sh"},  # python:3.11-slim: no curl, no wget
+    "prom/prometheus": {"/bin/prometheus", "/bin/promtool", "/bin/sh", "sh"},
 }
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -441,3 +442,18 @@ def test_constraints_pin_every_runtime_dependency() -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv"} <= set(ignored)
+
+
+def test_prometheus_scrapes_every_worker_replica(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    prom = services.get("prometheus")
+    if prom is None:
+        pytest.skip("no prometheus service")
+    assert prom.get("profiles") == ["monitoring"]  # not part of the default stack
+    sources = {c["source"]: c["target"] for c in prom["configs"]}
+    config = yaml.safe_load(compose["configs"]["prometheus"]["content"])
+    assert sources == {"prometheus": "/etc/prometheus/prometheus.yml"}
+    web_port = from_env(env_of(services["worker"])).web_port
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    sd = jobs["lstream"]["dns_sd_configs"][0]
+    assert sd["names"] == ["worker"] and sd["type"] == "A" and sd["port"] == web_port
+    assert jobs["lstream"].get("metrics_path", "/metrics") == "/metrics"
