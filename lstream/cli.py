@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lstream.commands.train", "train an LSTM forecaster on CSV files into a model artifact"),
     "replay": ("lstream.commands.replay", "run a model over CSV files offline, same numbers as the worker"),
     "produce": ("lstream.commands.produce", "send CSV rows or a synthetic feed to the input topic"),
-    "state": ("lstream.commands.state", "inspect Redis state: show ID | list | reset ID"),
+    "state": ("lstream.commands.state", "inspect Redis state: show ID | list | reset ID | explain ID"),
     "tail": ("lstream.commands.tail", "print predictions | alerts | dlq as they arrive"),
     "dev": ("lstream.commands.dev", "start the embedded broker and Redis and print how to reach them"),
     "bench": ("lstream.commands.bench", "run the benchmarks and print a table"),
