@@ -127,7 +127,7 @@ DEFAULTS: dict[str, float] = {
     "smooth": 3.0,  # steps the error is averaged over
     "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
     "warmup": 150.0,  # errors seen before anything is scored
-    "memory": 4096.0,  # readings the seen range remembers (about two weeks of 5-minute readings)
+    "memory": 8192.0,  # readings the seen range remembers (about four weeks of 5-minute readings; chosen by CV)
     "margin": 0.45,  # range breakout: typical steps beyond the range a reading must at least go
     "novelty": 0.25,  # ... and (typical steps beyond) x (error ratio g) must reach this
     "span": 40.0,  # readings the typical step and the breakout rate are averaged over
