@@ -46,7 +46,15 @@ def finite_rows(st: StreamStates, out: Outputs, fresh: StreamStates) -> np.ndarr
         if a.dtype.kind != "f" or a.size == 0:
             continue
         a = a.reshape(len(a), -1)
-        ok &= (np.isfinite(a) | np.isnan(getattr(fresh, f.name).reshape(1, -1))).all(axis=1)
+        defined = np.isnan(getattr(fresh, f.name).reshape(1, -1))
+        if defined.any():
+            ok &= (np.isfinite(a) | defined).all(axis=1)
+            continue
+        # A row's sum is finite when all its numbers are (one pass, no temporary of a's size);
+        # a sum that overflows is checked exactly.
+        suspect = np.flatnonzero(~np.isfinite(a.sum(axis=1)))
+        if suspect.size:
+            ok[suspect] &= np.isfinite(a[suspect]).all(axis=1)
     return ok
 
 
