@@ -52,7 +52,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lstream.commands.eval", "forecast accuracy of a model on CSV files vs persistence and seasonal-naive"),
 }
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CliError(Exception):
