@@ -53,7 +53,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
