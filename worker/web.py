@@ -43,6 +43,8 @@ def health(runtime: Any) -> tuple[int, dict[str, Any]]:
         "uptime": round(time.time() - r.started_at, 3),
         "fetch_max_wait_ms": _fetch_wait_ms(app),
     }
+    if pipe is not None:  # deterministic failures lived through, held-state cache (worker/pipeline.py)
+        body["processing"] = pipe.health()
     waiting = r.startup.doc()
     if waiting["waiting_for"] is not None:
         body.update(waiting)

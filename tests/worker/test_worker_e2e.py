@@ -68,7 +68,7 @@ class Worker:
     def metric(self, name: str) -> float:
         """A counter's value from /metrics (0 when absent)."""
         try:
-            status, body, _ = self.get("/metrics")
+            _, body, _ = self.get("/metrics")
         except OSError:
             return -1.0
         for line in body.decode().splitlines():
@@ -340,7 +340,8 @@ def test_bad_messages_land_in_the_dead_letter_topic_with_their_code(run):
     for code, key, value in run["bad"]:
         text = value.decode()
         match = [d for d in letters if d["error"] == code and d["key"] == key.decode()
-                 and (d["raw"] == text or (code == "too_large" and d.get("raw_truncated") and text.startswith(d["raw"])))]
+                 and (d["raw"] == text
+                      or (code == "too_large" and d.get("raw_truncated") and text.startswith(d["raw"])))]
         assert len(match) == 1, (code, letters)
         d = match[0]
         assert d["source"]["topic"] == run["topics"]["input"] and d["detail"]
@@ -356,6 +357,8 @@ def test_http_views(run):
     health = json.loads(body)
     assert status == 200 and health["status"] == "ok" and health["redis"] == "up"
     assert sorted(health["assigned_partitions"]) == list(range(PARTITIONS))
+    assert health["processing"]["failed_events"] == 0 and health["processing"]["bad_state_events"] == 0
+    assert 0 < health["processing"]["cache"]["entries"] <= health["processing"]["cache"]["max_entries"]
     sid = run["ids"][5]
     status, body, ctype = run["http"][f"/streams/{sid}"]
     assert status == 200 and ctype.startswith("application/json")
@@ -387,6 +390,7 @@ def test_http_views(run):
     assert "# TYPE lstream_consumer_lag_records gauge" in text
     assert values['lstream_dependency_up{service="redis"}'] == 1
     assert values['lstream_dependency_up{service="broker"}'] == 1
+    assert values['lstream_faults_total{kind="failed"}'] == 0 and values['lstream_faults_total{kind="restarted"}'] == 0
 
 
 def test_sigterm_stops_cleanly(run):
