@@ -129,7 +129,7 @@ DEFAULTS: dict[str, float] = {
     "warmup": 150.0,  # errors seen before anything is scored
     "memory": 8192.0,  # readings the seen range remembers (about four weeks of 5-minute readings; chosen by CV)
     "margin": 0.45,  # range breakout: typical steps beyond the range a reading must at least go
-    "novelty": 0.25,  # ... and (typical steps beyond) x (error ratio g) must reach this
+    "novelty": 0.1,  # ... and (typical steps beyond) x (error ratio g) must reach this (chosen by CV)
     "span": 40.0,  # readings the typical step and the breakout rate are averaged over
     "trend": 800.0,  # readings the drift (mean signed step) is averaged over
     "habit": 20.0,  # breakouts on a stream that often breaks out need (1 + habit x its rate) times the evidence
