@@ -158,7 +158,7 @@ class Limits:
             if bv:
                 j = int(np.flatnonzero(np.abs(e.values) > self.max_abs)[0])
                 code, detail = BAD_VALUES, (f"expected readings of magnitude at most {self.max_abs[j]:.3g} (what the "
-                                            f"model can take), got {e.values[j]!r} at position {j}")
+                                            f"model can take), got {float(e.values[j])!r} at position {j}")
             elif bt:
                 code, detail = BAD_TS, (f"expected 'ts' from {self.ts_min:.0f} (1970) to {latest:.0f} (the worker's "
                                         f"clock plus {self.max_skew:g} s), got {e.ts!r}")

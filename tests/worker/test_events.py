@@ -173,3 +173,24 @@ def test_arbitrary_bytes_never_raise(raw):
         assert r.code in ev.CODES
         orjson.dumps(dead_letter(r))
         assert not math.isnan(len(r.detail))
+
+
+def test_door_limits_reject_magnitudes_and_implausible_times_per_element():
+    now = 1_800_000_000.0
+    limits = ev.Limits.for_model({"mode": "global", "mean": [5.0, 0.0], "std": [2.0, 1e-3]}, 2, max_skew=3600.0,
+                                 clock=lambda: now)
+    assert limits.max_abs.tolist() == [5.0 + 2e15, 1e12]
+    gateway = orjson.dumps([{"stream_id": "a", "ts": now, "values": [1.0, 1e12]},  # at the limit: fine
+                            {"stream_id": "b", "ts": now, "values": [1.0, -2e12]},  # beyond, scaled by std 1e-3
+                            {"stream_id": "c", "ts": now + 3600.5, "values": [1.0, 1.0]},  # too far ahead
+                            {"stream_id": "d", "ts": -0.5, "values": [1.0, 1.0]},  # before 1970
+                            {"stream_id": "e", "ts": now + 3599, "values": [1e300, 1.0]}])
+    single = orjson.dumps({"stream_id": "s1", "ts": "0001-01-01T00:00:00Z", "values": [1, 1]})
+    events, rejected = decode_batch([RawMessage(b"gw", gateway, 0, 1), RawMessage(b"s1", single, 0, 2)], "in", 2,
+                                    limits=limits)
+    assert [e.stream_id for e in events] == ["a"]
+    assert [(r.stream_id, r.code, r.index) for r in rejected] == [
+        ("b", "bad_values", 1), ("c", "bad_ts", 2), ("d", "bad_ts", 3), ("e", "bad_values", 4), ("s1", "bad_ts", None)]
+    assert rejected[0].detail == ("expected readings of magnitude at most 1e+12 (what the model can take), "
+                                  "got -2000000000000.0 at position 1")
+    assert orjson.loads(rejected[1].raw)["stream_id"] == "c"
