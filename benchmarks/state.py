@@ -328,9 +328,9 @@ def table(rows: Sequence[Row], title: str = "") -> str:
 
 
 @contextmanager
-def start_cluster(primaries: int = 3) -> Iterator[list[str]]:
-    """A throwaway Redis Cluster of ``primaries`` primaries on free ports (no persistence);
-    yields their URLs (the first is the seed)."""
+def start_cluster(primaries: int = 3, replicas: int = 0) -> Iterator[list[str]]:
+    """A throwaway Redis Cluster of ``primaries`` primaries (each with ``replicas`` replicas) on
+    free ports (no persistence); yields the URLs of every node (the first is the seed)."""
     from lstream.devservices import _wait_for_port, child_setup, free_port
 
     if not (shutil.which("redis-server") and shutil.which("redis-cli")):
@@ -338,7 +338,7 @@ def start_cluster(primaries: int = 3) -> Iterator[list[str]]:
     tmp = Path(tempfile.mkdtemp(prefix="lstream-cluster-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        ports = [free_port() for _ in range(primaries)]
+        ports = [free_port() for _ in range(primaries * (1 + replicas))]
         for p in ports:
             # An explicit bus port: the default (port + 10000) may be taken or above 65535.
             proc = subprocess.Popen(
@@ -350,7 +350,7 @@ def start_cluster(primaries: int = 3) -> Iterator[list[str]]:
             procs.append(proc)
             _wait_for_port(p, proc, "redis-server (cluster)", 15.0)
         made = subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                               "--cluster-replicas", "0", "--cluster-yes"],
+                               "--cluster-replicas", str(replicas), "--cluster-yes"],
                               capture_output=True, text=True, timeout=30, check=False)
         if made.returncode != 0:
             raise RuntimeError(made.stdout + made.stderr)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from benchmarks.state import start_cluster
 from kernels.states import Positions, StreamStates
 from lstream.cli import main
+from state.errors import StateUnavailable
 from state.saved import ALREADY
 from state.store import StateStore
 
@@ -213,3 +215,55 @@ def test_slots_resharded_under_a_connected_store(cluster_urls: list[str]) -> Non
     assert sum(1 for p in before.values() if p == src) > 0
     np.testing.assert_array_equal(back.states.h, st.h)
     np.testing.assert_array_equal(back.offset, np.arange(n) + 100)
+
+
+def test_failover_of_a_primary_under_a_connected_store() -> None:
+    """A replica takes over its primary (CLUSTER FAILOVER) while a store is connected: the next
+    saves raise StateUnavailable at worst (the caller retries) or follow the new primary
+    (redis-py's RedisCluster refreshes its topology); every state is there afterwards."""
+    with start_cluster(3, replicas=1) as urls:
+        ids = [f"cl-fo-{i}" for i in range(40)]
+        n = len(ids)
+        zero = np.zeros(n, np.int64)
+
+        async def go() -> tuple[Any, ...]:
+            store = await connect(urls[0])
+            try:
+                await store.save(ids, states(n, 8), Positions.build(zero, zero + 1, zero, np.full(n, 1.0)))
+                node = store.conn.client.get_node_from_key(f"lstream:state:{{{ids[0]}}}")
+                primary_id = _cli(node.port, "cluster", "myid").strip()
+                # "<id> 127.0.0.1:<port>@<bus> slave <primary id> ..." (once the gossip has it)
+                deadline = time.monotonic() + 20
+                while not (lines := _cli(node.port, "cluster", "replicas", primary_id).strip().splitlines()):
+                    assert time.monotonic() < deadline, "the primary never listed its replica"
+                    await asyncio.sleep(0.1)
+                replica_port = int(lines[0].split()[1].split("@")[0].rsplit(":", 1)[1])
+                while "master_link_status:up" not in _cli(replica_port, "info", "replication"):
+                    assert time.monotonic() < deadline, "the replica never synced"
+                    await asyncio.sleep(0.1)
+                assert _cli(replica_port, "cluster", "failover").strip() == "OK"
+                deadline = time.monotonic() + 20
+                while "role:master" not in _cli(replica_port, "info", "replication"):
+                    assert time.monotonic() < deadline, "the replica never took over"
+                    await asyncio.sleep(0.1)
+                st = states(n, 9)
+                unavailable = 0
+                while True:  # the caller's retry policy
+                    try:
+                        saved = await store.save(ids, st, Positions.build(zero, zero + 2, zero, np.full(n, 2.0)))
+                        break
+                    except StateUnavailable:
+                        unavailable += 1
+                        assert time.monotonic() < deadline + 20, "the store never recovered"
+                        await asyncio.sleep(0.2)
+                back = await store.load(ids)
+                owner = store.conn.client.get_node_from_key(f"lstream:state:{{{ids[0]}}}").port
+                return primary_id, saved, back, st, (owner, replica_port, unavailable)
+            finally:
+                await store.close()
+
+        primary_id, saved, back, st, (owner, replica_port, _) = run(go())
+    assert primary_id and saved.applied.all()
+    assert owner == replica_port  # RedisCluster follows the new primary
+    np.testing.assert_array_equal(back.offset, np.full(n, 2))
+    np.testing.assert_array_equal(back.states.h, st.h)
