@@ -466,7 +466,7 @@ def worker_stats(port: int) -> dict[str, Any]:
     batches = values.get("lstream_batches_total", 0.0)
     if batches:
         out["batches"] = int(batches)
-        out["messages_per_batch"] = round(values.get("lstream_events_in_total", 0.0) / batches, 1)
+        out["messages_per_batch"] = round(values.get("lstream_input_messages_total", 0.0) / batches, 1)
     stages = {k.split('stage="')[1].rstrip('"}'): round(v, 3) for k, v in values.items()
               if k.startswith("lstream_stage_seconds_sum{")}
     if stages:
