@@ -99,9 +99,11 @@ def _cross_validate(args: argparse.Namespace, data: str, windows: str, model: st
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from evaluation import nab
+    from kernels.blas import limit_blas_threads
     from series.csvdata import DataError
     from worker.settings import DEFAULT_MODEL
 
+    limit_blas_threads(1)  # small batched matmuls: one BLAS thread is faster (kernels/blas.py)
     data = args.data or str(SHARED_NAB / "data")
     if not os.path.isdir(data):
         raise CliError(f"--data: expected NAB's data directory, {data!r} is not a directory")

@@ -37,10 +37,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from evaluation.replay import replay_streams, write_csv
     from kernels import load_model
+    from kernels.blas import limit_blas_threads
     from kernels.engine import Engine
     from series.csvdata import DataError, read_streams
     from worker.settings import DEFAULT_MODEL
 
+    limit_blas_threads(1)  # small batched matmuls: one BLAS thread is faster (kernels/blas.py)
     if args.out is None and args.plot is None and args.explain is None:
         raise CliError("nothing to write: expected --out DIR, --plot PNG and/or --explain DIR")
     if args.threshold is not None and not 0 < args.threshold <= 1:
