@@ -383,3 +383,25 @@ def test_a_store_failing_for_every_stream_dead_letters_nothing(model, redis_url)
 
     pipe, sink = _run(run())
     assert sink.records == [] and "refused the load" in pipe.health()["last_failure"]
+
+
+def test_overlapped_batches_keep_acknowledging_past_a_failing_stream(model, redis_url):
+    async def run():
+        pipe, store, sink, _ = await _setup(model, redis_url, engine=FailingEngine(model))
+        acked: list[int] = []
+        for b in range(6):
+            batch = [RawMessage(s.encode(), event(s, NOW - 100 + b, [666.0 if s == "bad" else 1.0 + b]), 0, 3 * b + k)
+                     for k, s in enumerate(["ok1", "bad", "ok2"])]
+
+            async def ack(b: int = b) -> None:
+                acked.append(b)
+
+            await pipe.submit(batch, ack)
+        await pipe.flush()
+        rec = await store.get("ok2")
+        await store.close()
+        return acked, sink, rec
+
+    acked, sink, rec = _run(run())
+    assert acked == list(range(6)) and rec["steps"] == 6
+    assert [d["key"] for d in sink.on("sensor-events-dlq")] == ["bad"] * 6
