@@ -16,6 +16,7 @@ Methods:
   one ``EVALSHA`` per stream of the old one-key fence, plus the index ``ZADD``), sent through
   redis-py's own ``pipeline(transaction=False)`` and ``Script``: the same server work as the
   old hand-framed path (its server columns are the "before" of the batched fence);
+* ``old-save``: the old per-stream fence's save alone (the "before" of ``store-save``);
 * ``mget/mset``: the same bytes as one blob per stream, one ``MGET`` and one ``MSET`` (in a
   cluster: redis-py's ``mget_nonatomic``/``mset_nonatomic``), decoded back into arrays (no
   fencing, no fields: the floor for a batched store);
@@ -225,9 +226,16 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
         for n in sizes:
             ids = [f"bench-{n}-{i}" for i in range(n)]
             sids = [f"bench-save-{n}-{i}" for i in range(n)]  # streams of the save-only rows
+            oids = [f"bench-old-{n}-{i}" for i in range(n)]
+            okeys = [f"lstream-bench:state:{{{s}}}" for s in oids]
             keys = [f"lstream-bench:blob:{{{s}}}" for s in ids]
             pkeys = [f"lstream-bench:py:{{{s}}}" for s in ids]
             st = _states(n, rng)
+            oh = [r.tobytes() for r in st.h.reshape(n, -1)]
+            oc = [r.tobytes() for r in st.c.reshape(n, -1)]
+            opred = [r.tobytes() for r in st.pred.reshape(n, -1)]
+            onorm = [r.tobytes() for r in st.norm]
+            oanom = [r.tobytes() for r in st.anomaly]
             zero = np.zeros(n, np.int64)
             ts = np.full(n, 1.7e9)
             eids = [f"e-{i}" for i in range(n)]
@@ -278,6 +286,22 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                 if len(res) != n + 1 or any(x != 1 for x in res[:-1]):
                     raise RuntimeError(f"bench: redis-py fence refused saves at rep {r}")
 
+            async def old_save(r: int) -> None:  # the save alone, as before: one old fence call per stream
+                now = time.time()
+                pipe = client.pipeline(transaction=False)
+                for j, k in enumerate(okeys):
+                    nums = struct.pack("<qqqqqdd", 0, r + 10, 0, int(st.steps[j]), int(st.episode[j]),
+                                       float(ts[0]) + r + 10, now)
+                    argv = [f"{eids[j]}-{r}", nums, "m-bench", 0, oh[j], oc[j], opred[j], onorm[j], oanom[j]]
+                    if cluster:
+                        pipe.execute_command("EVALSHA", fence.sha, 1, k, *argv)
+                    else:
+                        await fence(keys=[k], args=argv, client=pipe)
+                pipe.zadd("lstream-bench:pyindex", dict.fromkeys(oids, float(now)))
+                res = await pipe.execute()
+                if len(res) != n + 1 or any(x != 1 for x in res[:-1]):
+                    raise RuntimeError(f"bench: old fence refused saves at rep {r}")
+
             async def plain(r: int) -> None:
                 got = await (client.mget_nonatomic(keys) if cluster else client.mget(keys))
                 loaded = _unblob(got, n)
@@ -290,8 +314,8 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                 for k, b in zip(keys, _blobs(loaded)):
                     await client.set(k, b)
 
-            bodies = {"store": fenced, "store-save": save_only, "redis-py": pyredis, "mget/mset": plain,
-                      "get+set": single}
+            bodies = {"store": fenced, "store-save": save_only, "redis-py": pyredis, "old-save": old_save,
+                      "mget/mset": plain, "get+set": single}
             chosen = [(m, bodies[m]) for m in methods if not (cluster and m == "get+set")]
             for _, body in chosen:
                 await body(-1)  # warm up: connections, scripts, caches
@@ -305,7 +329,7 @@ async def _run(url: str, sizes: Sequence[int], budget: float, node_urls: Sequenc
                 a = np.median(np.array(got[m]), axis=0)
                 rows.append(Row(n, m, float(a[0]), float(a[1]), float(a[2])))
             await client.delete(*keys) if not cluster else [await client.delete(k) for k in keys]
-            for k in pkeys:
+            for k in pkeys + okeys:
                 await client.delete(k)
             for s_id in ids + sids:
                 await store.reset(s_id)
@@ -488,7 +512,7 @@ def memory_table(total: int = 4096) -> str:
     return "\n".join(lines)
 
 
-METHODS = ("store", "store-save", "redis-py", "mget/mset", "get+set")
+METHODS = ("store", "store-save", "redis-py", "old-save", "mget/mset", "get+set")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
