@@ -117,6 +117,7 @@ class GroupHealth:
         self.episodes = {r: 0 for r in REASONS}
         self.last_rejoin: float | None = None
         self.probe_error: str | None = None
+        self.healed = 0  # stale leaders cleared (heal_stale_leader)
 
     # Rebalance events (Faust's on_partitions_revoked / on_partitions_assigned).
     def on_revoked(self) -> None:
@@ -164,7 +165,8 @@ class GroupHealth:
                                                               else "stable"),
                 "reason": self.verdict.reason, "detail": self.verdict.detail or None,
                 "seconds_since_sync": None if s.synced_at is None else round(now - s.synced_at, 1),
-                "rejoins": self.rejoins, "backlog": s.backlog, "probe_error": self.probe_error}
+                "rejoins": self.rejoins, "stale_leaders_cleared": self.healed, "backlog": s.backlog,
+                "probe_error": self.probe_error}
 
     def collect(self) -> Iterator[Any]:
         """Prometheus collector: ``lstream_group_stuck``, ``lstream_group_rejoins_total``,
@@ -183,6 +185,8 @@ class GroupHealth:
         yield episodes
         yield CounterMetricFamily("lstream_group_rejoins", "Times the worker left its group and joined again "
                                   "because it was stuck.", value=float(self.rejoins))
+        yield CounterMetricFamily("lstream_group_stale_leaders_cleared", "Departed group leaders the broker still "
+                                  "named, cleared by the worker (docs/resilience.md).", value=float(self.healed))
         s = self.snapshot
         yield GaugeMetricFamily("lstream_group_seconds_since_sync", "Seconds since the worker last received a "
                                 "partition assignment (NaN: never).",
@@ -225,6 +229,61 @@ async def probe_group(broker_hosts: str, group_id: str, topic: str, timeout: flo
         return committed, sum(len(v) for v in batch.values())
     finally:
         await consumer.stop()
+
+
+MEMBER_ID_REQUIRED = 79
+HEALER_SESSION_MS = 6000  # the healer's joins: Kafka's smallest default session; Tansu answers a join in about half
+HEALER_PROTOCOLS = ("faust", "range", "roundrobin", "sticky")  # the group's protocol must be among these
+
+
+async def heal_stale_leader(broker_hosts: str, group_id: str, topic: str, timeout: float = 15.0) -> str | None:
+    """Work around the Tansu coordinator's stale leader (docs/resilience.md); returns the departed
+    leader's member id if the group had one (and was healed), else None.
+
+    Tansu (0.6) keeps naming a member that left with LeaveGroup while the group was forming as
+    its leader; every JoinGroup answers with that leader and every follower's SyncGroup with
+    REBALANCE_IN_PROGRESS, for ever. Tansu accepts a JoinGroup with any member id, so a short-lived
+    client joins under the departed leader's id (which makes it the leader), syncs an empty
+    assignment (the group forms) and leaves: the next join elects a live member. A leader that is
+    still a member (per DescribeGroups) is left alone."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+    from aiokafka.protocol.admin import DescribeGroupsRequest
+    from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest, SyncGroupRequest
+
+    metadata = ConsumerProtocolMemberMetadata(0, [topic], b"").encode()
+    protocols = [(name, metadata) for name in HEALER_PROTOCOLS]
+    client = AIOKafkaClient(bootstrap_servers=broker_hosts, request_timeout_ms=int(timeout * 1000))
+    await client.bootstrap()
+    try:
+        node = await asyncio.wait_for(client.coordinator_lookup(0, group_id), timeout)
+
+        async def join(member_id: str) -> Any:
+            while True:
+                r = await client.send(node, JoinGroupRequest(group_id, HEALER_SESSION_MS, HEALER_SESSION_MS,
+                                                             member_id, None, "consumer", protocols))
+                if r.error_code != MEMBER_ID_REQUIRED:
+                    return r
+                member_id = r.member_id
+
+        probe = await join("")
+        if probe.error_code:
+            return None
+        leader, me = probe.leader_id, probe.member_id
+        await client.send(node, LeaveGroupRequest(group_id, me))
+        described = await client.send(node, DescribeGroupsRequest([group_id]))
+        members = {m[0] for g in described.groups for m in g[5]} if described.groups else set()
+        if not leader or leader == me or leader in members:
+            return None  # no leader, or a live one: nothing stale to clear
+        healer = await join(leader)
+        if healer.error_code or healer.leader_id != healer.member_id:
+            return None
+        await client.send(node, SyncGroupRequest(group_id, healer.generation_id, healer.member_id, None,
+                                                 [(healer.member_id, b"")]))
+        await client.send(node, LeaveGroupRequest(group_id, healer.member_id))
+        return str(leader)
+    finally:
+        await client.close()
 
 
 async def rejoin(app: Any) -> None:
@@ -286,6 +345,12 @@ def attach(app: Any, runtime: Any, *, interval: float = 5.0) -> GroupHealth:
             gh.last_rejoin = gh.clock()
             gh.rejoins += 1
             try:
+                if gh.verdict.reason == NO_SYNC:
+                    stale = await heal_stale_leader(hosts, s.app_id, s.input_topic)
+                    if stale:
+                        gh.healed += 1
+                        log.error("the broker's group coordinator named departed member %s as the leader of "
+                                  "group %r: cleared it (a Tansu defect, docs/resilience.md)", stale, s.app_id)
                 await rejoin(app)
             except Exception as exc:
                 log.error("could not leave and rejoin the consumer group: %s: %s", type(exc).__name__, exc)

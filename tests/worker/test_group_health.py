@@ -134,3 +134,82 @@ def test_probe_finds_committed_offsets_and_the_backlog_on_a_real_broker(broker_u
     asyncio.run(commit({0: 5, 1: 5}))
     committed, backlog = asyncio.run(probe_group(hosts, group, topic))
     assert committed == {0: 5, 1: 5} and backlog == 0
+
+
+async def _join(client, node, group: str, member: str, topic: str):
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+    from aiokafka.protocol.group import JoinGroupRequest
+
+    meta = ConsumerProtocolMemberMetadata(0, [topic], b"").encode()
+    while True:
+        r = await client.send(node, JoinGroupRequest(group, 6000, 6000, member, None, "consumer", [("faust", meta)]))
+        if r.error_code != 79:  # MEMBER_ID_REQUIRED: join again with the id it gave
+            return r
+        member = r.member_id
+
+
+@pytest.mark.slow
+def test_a_leader_that_left_while_the_group_formed_is_cleared(broker_url: str) -> None:
+    """Issue 12.12 at the protocol level: leader A leaves while B's join is pending; Tansu keeps
+    naming A as leader and refuses B's SyncGroup for ever. heal_stale_leader clears it."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.group import LeaveGroupRequest, SyncGroupRequest
+
+    from worker.group_health import heal_stale_leader
+
+    topic, group = ku.unique_topic("gh"), f"gh-{uuid.uuid4().hex[:8]}"
+    hosts = ku.hosts(broker_url)
+
+    async def scenario() -> tuple[list[int], str | None, bool, str | None]:
+        client = AIOKafkaClient(bootstrap_servers=hosts)
+        await client.bootstrap()
+        try:
+            node = await client.coordinator_lookup(0, group)
+            a = await _join(client, node, group, "", topic)
+            b = await _join(client, node, group, "", topic)  # B joins: the group is forming, A leads
+            assert a.leader_id == a.member_id and b.leader_id == a.member_id
+            await client.send(node, LeaveGroupRequest(group, a.member_id))  # A leaves (SIGTERM)
+            syncs = []
+            for _ in range(1):  # B is stuck: the departed A is still named leader
+                s = await client.send(node, SyncGroupRequest(group, b.generation_id, b.member_id, None, []))
+                syncs.append(s.error_code)
+                b = await _join(client, node, group, b.member_id, topic)
+            stale_before = b.leader_id
+            healed = await heal_stale_leader(hosts, group, topic)
+            await client.send(node, LeaveGroupRequest(group, b.member_id))
+            c = await _join(client, node, group, "", topic)  # what the worker's rejoin does
+            return syncs, healed, c.leader_id == c.member_id, stale_before if stale_before == a.member_id else None
+        finally:
+            await client.close()
+
+    syncs, healed, leads, stale = asyncio.run(scenario())
+    assert syncs == [27] and stale is not None  # REBALANCE_IN_PROGRESS: the defect is there
+    assert healed == stale  # the departed leader was found and cleared
+    assert leads  # and a live member now leads the group
+
+
+@pytest.mark.slow
+def test_heal_leaves_a_healthy_group_alone(broker_url: str) -> None:
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.group import SyncGroupRequest
+
+    from worker.group_health import heal_stale_leader
+
+    topic, group = ku.unique_topic("gh"), f"gh-{uuid.uuid4().hex[:8]}"
+    hosts = ku.hosts(broker_url)
+
+    async def scenario() -> tuple[str | None, int]:
+        client = AIOKafkaClient(bootstrap_servers=hosts)
+        await client.bootstrap()
+        try:
+            node = await client.coordinator_lookup(0, group)
+            a = await _join(client, node, group, "", topic)
+            await client.send(node, SyncGroupRequest(group, a.generation_id, a.member_id, None, [(a.member_id, b"")]))
+            healed = await heal_stale_leader(hosts, group, topic)
+            a2 = await _join(client, node, group, a.member_id, topic)  # A is still a member and still leads
+            return healed, int(a2.leader_id == a.member_id)
+        finally:
+            await client.close()
+
+    healed, still_leader = asyncio.run(scenario())
+    assert healed is None and still_leader == 1
