@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import os
 import sys
@@ -40,6 +41,49 @@ def mase(values: np.ndarray, forecast: np.ndarray, start: int) -> tuple[float, f
     return float(err / naive), float("nan")
 
 
+def category(path: str) -> str:
+    """A file's NAB category; the two small artificial ones count as one."""
+    cat = os.path.basename(os.path.dirname(path))
+    return "artificial" if cat.startswith("artificial") else cat
+
+
+def score_files(engine: Engine, streams: list) -> np.ndarray:
+    results = replay_streams(engine, streams)
+    return np.array([mase(s.values, r.forecast, int(0.15 * len(s)))[0] for s, r in zip(streams, results)])
+
+
+def _summary(vals: np.ndarray) -> str:
+    return (f"median MASE {np.median(vals):.3f}, below 1: {np.mean(vals < 1):.0%}, "
+            f"above 1.2: {int(np.sum(vals > 1.2))}, worst {vals.max():.3f}")
+
+
+def cross_validate(model: object, args: argparse.Namespace) -> int:
+    """Choose the adapt settings on all categories but one (lowest median MASE), score the one
+    left out with them; every file is scored by settings chosen without its category."""
+    axes = [(k, [float(v) for v in vals.split(",")]) for k, vals in (g.split("=", 1) for g in args.grid)]
+    combos = [dict(zip([k for k, _ in axes], c)) for c in itertools.product(*[v for _, v in axes])]
+    files = sorted(glob.glob(os.path.join(args.data, "*", "*.csv")))
+    streams = [s for s in (read_csv(f) for f in files) if np.ptp(s.values) > 0]
+    cats = np.array([category(s.source) for s in streams])
+    base = dict(model.meta.get("adapt") or {})  # type: ignore[attr-defined]
+    table = []
+    for combo in combos:
+        model.meta["adapt"] = {**base, **combo}  # type: ignore[attr-defined]
+        table.append(score_files(Engine(model, adapt=True), streams))
+        print(f"{combo}: in-sample {_summary(table[-1])}", flush=True)
+    scores = np.array(table)  # (combos, files)
+    cv = np.empty(scores.shape[1])
+    for cat in sorted(set(cats)):
+        held = cats == cat
+        pick = int(np.argmin(np.median(scores[:, ~held], axis=1)))
+        cv[held] = scores[pick, held]
+        print(f"  {cat:<22} chosen on the others: {combos[pick]}  held-out median {np.median(cv[held]):.3f}")
+    best = int(np.argmin(np.median(scores, axis=1)))
+    print(f"leave-one-category-out CV: {_summary(cv)}")
+    print(f"in-sample best {combos[best]}: {_summary(scores[best])}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=os.path.join(ROOT, "models", "default"))
@@ -48,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-stream adaptation: as the model says, forced on (defaults), or off")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an adapt setting (e.g. eta=2)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="adapt settings to choose from by leave-one-category-out CV (repeatable: the product)")
     p.add_argument("--json", default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     model = load_model(args.model)
+    if args.grid:
+        return cross_validate(model, args)
     if args.set:
         model.meta["adapt"] = {**dict(model.meta.get("adapt") or {}),
                                **{k: float(v) for k, v in (s.split("=", 1) for s in args.set)}}

@@ -13,8 +13,9 @@ current normalisation):
   ``ts``, so the period comes from the timestamps, gaps and jitter included; the experts are
   silent until a bin holds yesterday's reading;
 - ``level``: an exponentially weighted mean (noisy streams around a level);
-- ``adapted``: recursive least squares (forgetting ``forget``) over
-  [1, last reading, global forecast, seasonal, level, time of day and day of week as sin/cos].
+- ``adapted``: recursive least squares (forgetting ``forget``) over [1, last reading, the one
+  before, global forecast, seasonal, levels at three speeds, time of day and day of week as
+  sin/cos]; its error is clipped to ``robust`` times its typical error, so a spike moves it little.
 
 Each expert's mean absolute error is tracked with weight ``max(1/count, err_rate)``; the
 forecast is ``sum w_k f_k / sum w_k`` with ``w_k = exp(-eta * (mae_k / min mae - 1))``, so the
@@ -58,17 +59,16 @@ EXPERTS = ADAPT_EXPERTS
 REGRESSORS = ADAPT_REGRESSORS
 TIME_FEATURES = ("tod_sin", "tod_cos", "dow_sin", "dow_cos")
 DEFAULTS: dict[str, Any] = {"enabled": True, "forget": 0.999, "delta": 10.0, "err_rate": 0.02,
-                            "eta": 4.0, "level_rate": 0.1, "dt_rate": 0.05}
-
-_JIT = dict(cache=True, nogil=True, error_model="numpy")
+                            "eta": 4.0, "level_rate": 0.1, "dt_rate": 0.05, "robust": 3.0}
 
 
-@njit(**_JIT)
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def _clip(v, lim):  # pragma: no cover - compiled
     return -lim if v < -lim else (lim if v > lim else v)
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _bin_value(st, off_bts, off_bval, nb, f, j, t):  # pragma: no cover - compiled
     """Value stored for time ``t`` (its time-of-day bin, if the reading there is from within
     one bin width of ``t``), else NaN."""
@@ -82,14 +82,14 @@ def _bin_value(st, off_bts, off_bval, nb, f, j, t):  # pragma: no cover - compil
     return np.nan
 
 
-@njit(**_JIT)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  # pragma: no cover - compiled
     """One step for n streams, in place on ``state``; forecasts (model units) into ``out``.
 
     x (n, F) sensor units; mean0/std0: the statistics the previous forecast was scaled with;
     mean1/std1: the current ones; g (n, F): the global forecast, current model units."""
-    forget, delta, err_rate, eta, level_rate, dt_rate, clip = (
-        params[0], params[1], params[2], params[3], params[4], params[5], params[6])
+    forget, delta, err_rate, eta, level_rate, dt_rate, clip, robust = (
+        params[0], params[1], params[2], params[3], params[4], params[5], params[6], params[7])
     nb, k_exp, d, per, off_feat, off_bts, off_bval = lay[0], lay[1], lay[2], lay[3], lay[4], lay[5], lay[6]
     n, f = x.shape
     phi = np.empty(d)
@@ -103,8 +103,8 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
             for j in range(f):
                 base = off_feat + j * per
                 for k in range(k_exp):
-                    st[base + 1 + k] = np.nan  # no forecast yet
-                pb = base + 1 + 3 * k_exp + d
+                    st[base + 4 + k] = np.nan  # no forecast yet
+                pb = base + 4 + 3 * k_exp + d
                 for a in range(d):
                     st[pb + a * d + a] = delta
         t = ts[i]
@@ -120,15 +120,15 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                 base = off_feat + j * per
                 target = _clip((x[i, j] - mean0[i, j]) / std0[i, j], clip)
                 for k in range(k_exp):
-                    fk = st[base + 1 + k]
+                    fk = st[base + 4 + k]
                     if np.isfinite(fk):
-                        cnt = st[base + 1 + 2 * k_exp + k] + 1.0
-                        st[base + 1 + 2 * k_exp + k] = cnt
+                        cnt = st[base + 4 + 2 * k_exp + k] + 1.0
+                        st[base + 4 + 2 * k_exp + k] = cnt
                         a = max(1.0 / cnt, err_rate)
-                        mae_at = base + 1 + k_exp + k
+                        mae_at = base + 4 + k_exp + k
                         e = abs(target - fk)
                         st[mae_at] = e if cnt == 1.0 else st[mae_at] + a * (e - st[mae_at])
-                th = base + 1 + 3 * k_exp
+                th = base + 4 + 3 * k_exp
                 pb = th + d
                 ph = pb + d * d
                 if st[ph] == 1.0:  # a regressor vector was stored at the previous step
@@ -142,6 +142,11 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                         den += st[ph + a] * s
                         pred += st[th + a] * st[ph + a]
                     err = target - pred
+                    # robust: an outlier moves the readout no more than a few typical errors
+                    typical = st[base + 4 + k_exp + k_exp - 1]
+                    if st[base + 4 + 3 * k_exp - 1] > 10.0 and np.isfinite(typical):
+                        lim = robust * max(typical, 1e-6)
+                        err = _clip(err, lim)
                     trace = 0.0
                     for a in range(d):
                         st[th + a] += pphi[a] / den * err
@@ -172,10 +177,14 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
             base = off_feat + j * per
             m, s = mean1[i, j], std1[i, j]
             z = _clip((x[i, j] - m) / s, clip)
+            prev = st[base + 3] if st[4] > 0.0 else x[i, j]
             if st[4] == 0.0:
-                st[base] = x[i, j]
+                st[base] = st[base + 1] = st[base + 2] = x[i, j]
             else:
                 st[base] += level_rate * (x[i, j] - st[base])
+                st[base + 1] += 0.5 * (x[i, j] - st[base + 1])
+                st[base + 2] += 0.01 * (x[i, j] - st[base + 2])
+            st[base + 3] = x[i, j]
             fc[0] = g[i, j]
             fc[1] = z
             fc[2] = np.nan
@@ -187,19 +196,22 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                     if np.isfinite(prev_day[j]):
                         fc[3] = _clip(z + (nxt - prev_day[j]) / s, clip)
             fc[4] = _clip((st[base] - m) / s, clip)
-            th = base + 1 + 3 * k_exp
+            th = base + 4 + 3 * k_exp
             ph = th + d + d * d
             phi[0] = 1.0
             phi[1] = z
-            phi[2] = g[i, j]
-            phi[3] = fc[2] if np.isfinite(fc[2]) else z
-            phi[4] = fc[4]
+            phi[2] = _clip((prev - m) / s, clip)
+            phi[3] = g[i, j]
+            phi[4] = fc[2] if np.isfinite(fc[2]) else z
+            phi[5] = fc[4]
+            phi[6] = _clip((st[base + 1] - m) / s, clip)
+            phi[7] = _clip((st[base + 2] - m) / s, clip)
             if np.isfinite(tn):
                 tod = 2.0 * np.pi * (tn % DAY) / DAY
                 dow = 2.0 * np.pi * (tn % WEEK) / WEEK
-                phi[5], phi[6], phi[7], phi[8] = np.sin(tod), np.cos(tod), np.sin(dow), np.cos(dow)
+                phi[8], phi[9], phi[10], phi[11] = np.sin(tod), np.cos(tod), np.sin(dow), np.cos(dow)
             else:
-                phi[5] = phi[6] = phi[7] = phi[8] = 0.0
+                phi[8] = phi[9] = phi[10] = phi[11] = 0.0
             r = 0.0
             for a in range(d):
                 r += st[th + a] * phi[a]
@@ -207,22 +219,22 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
             fc[5] = _clip(r, 2.0 * clip)
             best = np.inf
             for k in range(k_exp):
-                mae = st[base + 1 + k_exp + k]
-                if np.isfinite(fc[k]) and st[base + 1 + 2 * k_exp + k] > 0.0 and mae < best:
+                mae = st[base + 4 + k_exp + k]
+                if np.isfinite(fc[k]) and st[base + 4 + 2 * k_exp + k] > 0.0 and mae < best:
                     best = mae
             num = 0.0
             den = 0.0
             if np.isfinite(best):
                 scale = max(best, 1e-9)
                 for k in range(k_exp):
-                    mae = st[base + 1 + k_exp + k]
-                    if np.isfinite(fc[k]) and st[base + 1 + 2 * k_exp + k] > 0.0:
+                    mae = st[base + 4 + k_exp + k]
+                    if np.isfinite(fc[k]) and st[base + 4 + 2 * k_exp + k] > 0.0:
                         w = np.exp(-eta * (mae / scale - 1.0))
                         num += w * fc[k]
                         den += w
             out[i, j] = num / den if den > 0.0 else g[i, j]
             for k in range(k_exp):
-                st[base + 1 + k] = fc[k]
+                st[base + 4 + k] = fc[k]
         st[4] += 1.0
 
 
@@ -238,7 +250,8 @@ class Adapter:
         self.num_features = num_features
         self.layout = adapt_layout(num_features)
         self.params = np.array([merged["forget"], merged["delta"], merged["err_rate"], merged["eta"],
-                                merged["level_rate"], merged["dt_rate"], clip if np.isfinite(clip) else 1e6],
+                                merged["level_rate"], merged["dt_rate"], clip if np.isfinite(clip) else 1e6,
+                                merged["robust"]],
                                dtype=np.float64)
         if not 0.9 <= self.params[0] <= 1.0:
             raise ValueError(f"adapt.forget: expected a number in [0.9, 1], got {self.params[0]}")

@@ -244,7 +244,7 @@ def write_artifact(out_dir: str | os.PathLike[str], meta: dict[str, Any], arrays
     arrays = {name: np.ascontiguousarray(arr, dtype=np.float32) for name, arr in arrays.items()}
     version = weights_version(arrays)
     meta = {"format": FORMAT, "version": version, **{k: v for k, v in meta.items() if k not in ("format", "version")}}
-    np.savez(os.path.join(out, "weights.npz"), **arrays)
+    np.savez(os.path.join(out, "weights.npz"), **arrays)  # type: ignore[arg-type]  # numpy stubs: **kwds
     with open(os.path.join(out, "model.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2)
         fh.write("\n")

@@ -22,19 +22,20 @@ DETECTOR_PER_FEATURE = 23
 
 # Per-stream adaptation (kernels.adapt): experts mixed, regressors of the adapted readout.
 ADAPT_EXPERTS = ("global", "persistence", "seasonal", "seasonal_diff", "level", "adapted")
-ADAPT_REGRESSORS = ("bias", "last", "global", "seasonal", "level", "tod_sin", "tod_cos", "dow_sin", "dow_cos")
+ADAPT_REGRESSORS = ("bias", "last", "previous", "global", "seasonal", "level", "level_fast", "level_slow",
+                    "tod_sin", "tod_cos", "dow_sin", "dow_cos")
 ADAPT_HEADER = ("layout", "last_ts", "dt", "dt_count", "steps")
 ADAPT_MAX_FLOATS = 1024  # 8 KB per stream
 
 
 def adapt_layout(num_features: int) -> dict[str, int]:
     """Offsets in a stream's ``adapt`` vector (float64): the header (``ADAPT_HEADER``), then per
-    feature [level, forecast per expert, mean abs error per expert, error count per expert,
-    readout weights (d), its inverse-correlation matrix P (d x d), last regressors (d)], then
+    feature [level, fast level, slow level, last reading, forecast per expert, mean abs error per
+    expert, error count per expert, readout weights (d), its inverse-correlation matrix P (d x d), last regressors (d)], then
     the time-of-day bins: their last reading's ts, then values (bin-major, F per bin). The
     number of bins (a divisor of 288, i.e. 5 to 60 minutes wide) shrinks with F to stay <= 8 KB."""
     k, d = len(ADAPT_EXPERTS), len(ADAPT_REGRESSORS)
-    per = 1 + 3 * k + d + d * d + d
+    per = 4 + 3 * k + d + d * d + d
     head = len(ADAPT_HEADER)
     for bins in (288, 144, 96, 48, 24):
         size = head + per * num_features + bins * (1 + num_features)

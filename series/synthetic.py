@@ -6,7 +6,9 @@ AR(1), white or heavy-tailed noise with its own level, occasional natural level 
 large, unlabelled: the model should follow them), and a scale and
 offset of its own (from about 0.1 to about 10^4). Injected anomalies (``anomaly_rate`` > 0)
 are spikes, level shifts, flat-lines and noise bursts; ``labels`` marks their readings.
-Stream i depends only on ``(seed, i)``, so more streams never change the first ones.
+With ``kind="calendar"`` the patterns follow the clock instead (daily and weekly shapes,
+trends, regime changes, decaying bursts, counts). Stream i depends only on ``(seed, i)``
+(and ``kind``), so more streams never change the first ones.
 
 >>> streams = generate(3, 500, seed=1, num_features=2, anomaly_rate=0.01)
 >>> [s.stream_id for s in streams], streams[0].values.shape, streams[0].ts[:2].tolist()
@@ -14,6 +16,9 @@ Stream i depends only on ``(seed, i)``, so more streams never change the first o
 >>> bool(np.isfinite(streams[2].values).all()), bool(any(s.labels.any() for s in streams))
 (True, True)
 >>> np.array_equal(generate(1, 500, seed=1, num_features=2, anomaly_rate=0.01)[0].values, streams[0].values)
+True
+>>> cal = generate(2, 2016, seed=1, kind="calendar", period_s=300.0, anomaly_rate=0.0)
+>>> day = cal[0].values[:288, 0]; bool(np.corrcoef(day, cal[0].values[288:576, 0])[0, 1] > 0.5)
 True
 """
 
@@ -82,6 +87,50 @@ def _base(rng: np.random.Generator, n: int) -> np.ndarray:
     return x
 
 
+def _calendar(rng: np.random.Generator, ts: np.ndarray) -> np.ndarray:
+    """A unit-scale signal driven by the clock (``ts`` in epoch seconds): a daily shape
+    (smooth, business hours on/off, a sharp peak), often a weekly one (quiet weekends), trends,
+    regime changes, bursts that decay, noise; some streams are counts (Poisson)."""
+    n = len(ts)
+    day = (ts % 86400.0) / 86400.0
+    week = (ts % 604800.0) / 604800.0  # the epoch began on a Thursday: phase 2/7 to 4/7 is the weekend
+    kind = rng.choice(["sine", "business", "peak", "harmonic"])
+    shift = rng.uniform(0, 1)
+    angle = 2 * np.pi * (day + shift)
+    if kind == "sine":
+        x = np.sin(angle)
+    elif kind == "business":
+        x = np.tanh(rng.uniform(4, 15) * (np.sin(angle) - rng.uniform(-0.3, 0.5)))
+    elif kind == "peak":
+        x = np.exp(rng.uniform(1.5, 5.0) * (np.cos(angle) - 1.0)) * 2 - 1
+    else:
+        x = np.sin(angle) + rng.uniform(0.2, 0.6) * np.sin(2 * angle + rng.uniform(0, 2 * np.pi))
+    x = x * rng.uniform(0.3, 1.0)
+    if rng.random() < 0.5:  # weekly: quieter weekends
+        weekend = (week >= 2 / 7) & (week < 4 / 7)
+        x = np.where(weekend, x * rng.uniform(0.1, 0.6) - rng.uniform(0, 0.5), x)
+    if rng.random() < 0.4:  # trend
+        x = x + rng.normal(0, 1.0) * np.arange(n) / n
+    if rng.random() < 0.4:  # regime changes: the level or the daily amplitude moves for good
+        for _ in range(rng.integers(1, 3)):
+            at = int(rng.integers(0, n))
+            if rng.random() < 0.5:
+                x[at:] += rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 3.0)
+            else:
+                x[at:] *= rng.uniform(0.3, 2.0)
+    if rng.random() < 0.3:  # bursts: a sudden rise that decays over a few readings
+        for _ in range(rng.poisson(n / 800) + 1):
+            at = int(rng.integers(0, n))
+            length = min(n - at, int(rng.integers(5, 40)))
+            x[at:at + length] += rng.uniform(1, 4) * np.exp(-np.arange(length) / rng.uniform(2, 10))
+    noise = float(np.exp(rng.uniform(np.log(0.01), np.log(0.4))))
+    x = x + rng.normal(0, noise, n)
+    if rng.random() < 0.25:  # counts, like requests or tweets per interval
+        rate = rng.uniform(2, 60)
+        x = rng.poisson(np.maximum(0.0, (x - x.min() + 0.2) * rate)).astype(np.float64) / rate
+    return x
+
+
 def _inject(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray, rate: float) -> None:
     """Add anomalies in place to ``x`` (T, F); mark them in ``labels``."""
     n = x.shape[0]
@@ -111,24 +160,34 @@ def _inject(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray, rate: f
 
 def generate(n_streams: int, n_steps: int, *, seed: int = 0, num_features: int = 1,
              anomaly_rate: float = 0.002, start_ts: float = 1_700_000_000.0,
-             period_s: float = 60.0) -> list[SyntheticStream]:
+             period_s: float = 60.0, kind: str = "mixed") -> list[SyntheticStream]:
     """``n_streams`` streams of ``n_steps`` readings, one every ``period_s`` seconds.
 
     ``anomaly_rate`` is the expected number of injected anomalies per reading (0: none).
     Features of one stream share part of their signal (like sensors on one machine).
+    ``kind``: ``"mixed"`` (cycles of 12 to 400 steps, see the module doc), ``"calendar"``
+    (daily and weekly patterns from the timestamps, bursts, counts: :func:`_calendar`) or
+    ``"both"`` (even streams mixed, odd streams calendar).
     """
     if n_streams < 0 or n_steps < 1 or num_features < 1:
         raise ValueError(f"expected n_streams >= 0, n_steps >= 1, num_features >= 1, "
                          f"got {n_streams}, {n_steps}, {num_features}")
+    if kind not in ("mixed", "calendar", "both"):
+        raise ValueError(f"kind: expected 'mixed', 'calendar' or 'both', got {kind!r}")
     out = []
     ts = start_ts + period_s * np.arange(n_steps, dtype=np.float64)
     for i in range(n_streams):
         rng = np.random.default_rng([seed, i])
-        shared = _base(rng, n_steps)
+        cal = kind == "calendar" or (kind == "both" and i % 2 == 1)
+
+        def base(rng: np.random.Generator = rng, cal: bool = cal) -> np.ndarray:
+            return _calendar(rng, ts) if cal else _base(rng, n_steps)
+
+        shared = base()
         cols = []
         for _ in range(num_features):
             mix = rng.uniform(0.3, 1.0) if num_features > 1 else 1.0
-            own = _base(rng, n_steps) if num_features > 1 else 0.0
+            own = base() if num_features > 1 else 0.0
             signal = mix * shared + (1 - mix) * own
             scale = float(np.exp(rng.uniform(np.log(0.1), np.log(1000))))
             offset = rng.choice([0.0, 1.0, 5.0, 50.0]) * scale * rng.uniform(0.5, 2.0)

@@ -35,6 +35,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     data.add_argument("--synthetic-steps", type=int, default=3000, help="readings per synthetic stream")
     data.add_argument("--synthetic-seed", type=int, default=0, help="seed of the synthetic generator")
     data.add_argument("--synthetic-features", type=int, default=1, help="features per synthetic stream")
+    data.add_argument("--synthetic-kind", choices=("mixed", "calendar", "both"), default="mixed",
+                      help="synthetic families: cycles in steps, clock-driven daily/weekly patterns, or half each")
+    data.add_argument("--synthetic-period", type=float, default=60.0, help="seconds between synthetic readings")
     model = p.add_argument_group("model")
     model.add_argument("--hidden", type=int, default=_D["hidden"], help="LSTM hidden size")
     model.add_argument("--layers", type=int, default=_D["layers"], help="LSTM layers")
@@ -122,11 +125,13 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if len(names) != k:
             raise CliError(f"--synthetic-features: expected {len(names)} like the CSV files, got {k}")
         gen = generate(args.synthetic, args.synthetic_steps, seed=args.synthetic_seed, num_features=k,
-                       anomaly_rate=0.0)
+                       anomaly_rate=0.0, kind=args.synthetic_kind, period_s=args.synthetic_period)
         streams += [Series(g.stream_id, g.ts, g.values, list(names)) for g in gen]
         data.append({"synthetic": {"streams": args.synthetic, "steps": args.synthetic_steps,
                                    "seed": args.synthetic_seed, "features": k, "anomaly_rate": 0.0,
-                                   "generator": "series/synthetic.py"}})
+                                   "generator": "series/synthetic.py",
+                                   **({"kind": args.synthetic_kind, "period_s": args.synthetic_period}
+                                      if (args.synthetic_kind, args.synthetic_period) != ("mixed", 60.0) else {})}})
     from training.train import save, train, warning
 
     if not args.quiet:

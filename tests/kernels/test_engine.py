@@ -87,7 +87,7 @@ def test_pure_step_leaves_its_input_alone(tmp_path):
     s1, out1 = step(eng, s0, [1.0, 2.0])
     assert s0.steps[0] == 0 and s1.steps[0] == 1
     assert np.all(s0.h == 0) and not np.all(s1.h == 0)
-    again, out2 = step(eng, s0, [1.0, 2.0])
+    _again, out2 = step(eng, s0, [1.0, 2.0])
     np.testing.assert_array_equal(out1.forecast, out2.forecast)
 
 
@@ -119,3 +119,79 @@ def test_one_alert_per_episode():
     st = eng.new_states(1)
     alerts = [i for i in range(700) if eng.advance(st, x[i : i + 1]).alert[0]]
     assert alerts == [400]
+
+
+# --- per-stream online adaptation (kernels/adapt.py) -------------------------------------------
+
+def _daily(days: int, noise: float, seed: int = 3, step_s: float = 300.0) -> tuple[np.ndarray, np.ndarray]:
+    """A stream with a daily shape at one reading every ``step_s`` seconds, and its event times."""
+    rng = np.random.default_rng(seed)
+    ts = 1_700_006_400.0 + step_s * np.arange(int(days * 86400 / step_s))
+    day = (ts % 86400) / 86400
+    x = 20 + 8 * np.exp(3 * (np.cos(2 * np.pi * day) - 1)) + rng.normal(0, noise, len(ts))
+    return x[:, None], ts
+
+
+def test_adaptation_learns_the_daily_shape_from_the_timestamps(tmp_path):
+    model = load_model(small_model(tmp_path))  # random weights: the global forecast is poor
+    x, ts = _daily(6, 0.01)
+    outs = {}
+    for adapt in (False, True):
+        eng = Engine(model, adapt=adapt)
+        st = eng.new_states(1)
+        outs[adapt] = np.array([eng.advance(st, x[t : t + 1], ts=ts[t : t + 1]).forecast[0, 0] for t in range(len(x))])
+    later = slice(2 * 288, len(x) - 1)  # after two days, the seasonal expert has seen a day
+    persistence = np.abs(x[later, 0] - x[2 * 288 + 1 :, 0]).mean()
+    adapted = np.abs(outs[True][later] - x[2 * 288 + 1 :, 0]).mean()
+    alone = np.abs(outs[False][later] - x[2 * 288 + 1 :, 0]).mean()
+    assert adapted < 0.5 * persistence, (adapted, persistence)
+    assert adapted < 0.5 * alone
+    # without event times there is no season: the mixture still does not lose to persistence by much
+    eng = Engine(model, adapt=True)
+    st = eng.new_states(1)
+    blind = np.array([eng.advance(st, x[t : t + 1]).forecast[0, 0] for t in range(len(x))])
+    assert np.abs(blind[later] - x[2 * 288 + 1 :, 0]).mean() < 1.1 * persistence
+
+
+def test_adaptation_state_is_bounded_versioned_and_replays_exactly(tmp_path):
+    from kernels.adapt import LAYOUT_VERSION
+    from kernels.states import adapt_size
+
+    model = load_model(small_model(tmp_path, features=2))
+    eng = Engine(model, adapt=True)
+    assert adapt_size(1) * 8 <= 8192 and adapt_size(2) * 8 <= 8192
+    x1, ts = _daily(2, 0.5)
+    x = np.hstack([x1, 2 * x1 + 1])
+    whole = eng.new_states(1)
+    ref = [eng.advance(whole, x[t : t + 1], ts=ts[t : t + 1]).forecast[0].copy() for t in range(len(x))]
+    # the same stream restarted from a copy of its state (as a store round trip does) every 97 steps
+    st = eng.new_states(1)
+    got = []
+    for t in range(len(x)):
+        if t % 97 == 0:
+            st = st.take(slice(None))
+        got.append(eng.advance(st, x[t : t + 1], ts=ts[t : t + 1]).forecast[0].copy())
+    np.testing.assert_array_equal(np.array(got), np.array(ref))  # exactly, bit for bit
+    np.testing.assert_array_equal(st.adapt, whole.adapt)
+    assert st.adapt[0, 0] == LAYOUT_VERSION
+    assert np.isfinite(st.adapt[0, 1:]).sum() >= st.adapt.shape[1] - 12  # NaN only for "no forecast yet"
+    # a vector of another layout is restarted, never misread
+    st.adapt[0, 0] = LAYOUT_VERSION + 1
+    st.adapt[0, 1:] = 1e300
+    out = eng.advance(st, x[:1], ts=ts[-1:] + 300)
+    assert st.adapt[0, 0] == LAYOUT_VERSION and np.all(np.isfinite(out.forecast))
+    assert np.nanmax(np.abs(st.adapt[0, 1:10])) < 1e10
+
+
+def test_adaptation_batch_equals_streams_one_by_one(tmp_path):
+    model = load_model(small_model(tmp_path))
+    eng = Engine(model, adapt=True)
+    data = [_daily(1, 0.2 * (k + 1), seed=k) for k in range(4)]
+    together = eng.new_states(4)
+    outs = [eng.advance(together, np.stack([d[0][t] for d in data]), ts=np.array([d[1][t] for d in data]))
+            for t in range(288)]
+    for k, (x, ts) in enumerate(data):
+        alone = eng.new_states(1)
+        for t in range(288):
+            out = eng.advance(alone, x[t : t + 1], ts=ts[t : t + 1])
+            np.testing.assert_allclose(out.forecast[0], outs[t].forecast[k], rtol=1e-5, atol=1e-5)
