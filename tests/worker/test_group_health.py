@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 
 import pytest
@@ -213,3 +214,75 @@ def test_heal_leaves_a_healthy_group_alone(broker_url: str) -> None:
 
     healed, still_leader = asyncio.run(scenario())
     assert healed is None and still_leader == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("LSTREAM_LONG_TESTS") != "1", reason="~90 s: LSTREAM_LONG_TESTS=1")
+def test_a_real_worker_stuck_behind_a_departed_leader_says_so_and_recovers(broker_url: str, redis_url: str,
+                                                                          tmp_path) -> None:
+    """The issue's scenario with a real worker: the group's leader (a raw client) leaves while
+    the worker's join is pending. The worker turns /healthz 503 (no_sync), then clears the stale
+    leader, rejoins, gets every partition and processes the input."""
+    import time
+
+    import orjson
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.protocol.group import LeaveGroupRequest, SyncGroupRequest
+
+    from benchmarks.fuzz import WorkerProc, default_model, topics_for
+
+    topics = topics_for("ghw")
+    app_id = f"ghw-{uuid.uuid4().hex[:6]}"
+    ku.create_topics(broker_url, list(topics.values()), 4)
+    ku.produce(broker_url, topics["input"], [(b"s-%d" % i, orjson.dumps({"stream_id": f"s-{i}", "ts": 1.7e9 + j,
+                                                                         "values": [float(j)]}))
+                                             for j in range(20) for i in range(8)])
+    hosts = ku.hosts(broker_url)
+    model = default_model(tmp_path)
+    log = tmp_path / "worker.log"
+
+    async def lead() -> tuple[AIOKafkaClient, int, str]:
+        client = AIOKafkaClient(bootstrap_servers=hosts)
+        await client.bootstrap()
+        node = await client.coordinator_lookup(0, app_id)
+        a = await _join(client, node, app_id, "", topics["input"])
+        await client.send(node, SyncGroupRequest(app_id, a.generation_id, a.member_id, None, [(a.member_id, b"")]))
+        return client, node, a.member_id
+
+    async def leave(client: AIOKafkaClient, node: int, member: str) -> None:
+        await client.send(node, LeaveGroupRequest(app_id, member))
+        await client.close()
+
+    loop = asyncio.new_event_loop()
+    client, node, leader = loop.run_until_complete(lead())
+    w = WorkerProc(broker_url, redis_url, model, topics, app_id, log, "--session-timeout", "6")
+    try:
+        deadline = time.monotonic() + 60
+        while "(Re-)joining group" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline and w.alive(), w.tail()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        loop.run_until_complete(leave(client, node, leader))
+        stuck_seen = recovered = None
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 150 and w.alive():
+            status, body = w.get("/healthz")
+            doc = orjson.loads(body)
+            if status == 503 and (doc.get("group") or {}).get("state") == "stuck" and stuck_seen is None:
+                stuck_seen = (time.monotonic() - t0, doc["group"], w.metrics())
+            if doc.get("assigned_partitions") == [0, 1, 2, 3] and w.metric("lstream_events_applied_total") >= 160:
+                recovered = time.monotonic() - t0
+                break
+            time.sleep(0.5)
+        metrics = w.metrics()
+    finally:
+        w.stop()
+        loop.close()
+    assert stuck_seen is not None, w.tail()
+    assert stuck_seen[1]["reason"] == "no_sync"
+    assert stuck_seen[2].get('lstream_group_stuck{reason="no_sync"}') == 1.0
+    assert recovered is not None, w.tail()
+    assert metrics.get("lstream_group_stale_leaders_cleared_total", 0) >= 1
+    assert metrics["lstream_group_rejoins_total"] >= 1
+    text = log.read_text(errors="replace")
+    assert text.count("consumer group stuck (no_sync)") == 1 and "Tansu defect" in text
