@@ -293,7 +293,10 @@ def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.Argumen
     p.add_argument("--streams", type=int, default=40, help="streams (default 40)")
     p.add_argument("--warmup", type=int, default=200, help="events per stream before its spike (default 200)")
     p.add_argument("--skip", type=float, default=2.0, help="seconds left out at the start (default 2)")
-    p.add_argument("--cases", default="before,after", help="comma-separated: before, after (default both)")
+    p.add_argument("--cases", default="before,after", help="comma-separated: before, after (default both) or "
+                   "names given with --case")
+    p.add_argument("--case", action="append", default=[], metavar="NAME=FLAGS",
+                   help="an extra configuration: worker flags, e.g. 'fw100=--fetch-wait 0.1' (repeatable)")
     p.add_argument("--broker", help="kafka://host:port (default: an embedded Tansu broker)")
     p.add_argument("--redis-url", help="redis:// URL (default: a throwaway redis-server)")
     p.add_argument("--quick", action="store_true", help="a short run: 12 s per case, 20 streams")
@@ -328,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     if opts.quick:
         opts.seconds, opts.streams = 12.0, 20
+    for spec in opts.case:
+        name, _, flags = spec.partition("=")
+        CASES[name.strip()] = flags.split()
     results = asyncio.run(_main(opts))
     print(table(results))
     if opts.json:
