@@ -259,6 +259,8 @@ class Runtime:
                ("topic",), self.assigned)
         sc.add("gauge", "lstream_streams_held", "Stream states held in the worker's memory (state cache).", (),
                self.held)
+        sc.add("gauge", "lstream_state_cache_hit_ratio", "Share of state lookups answered from the worker's memory "
+               "since start (the rate over a window: lstream_state_cache_lookups_total).", (), self.hit_ratio)
         sc.add("gauge", "lstream_streams_active", f"Streams with a prediction in the last {ACTIVE_WINDOW:.0f}-"
                f"{2 * ACTIVE_WINDOW:.0f} s (at most {ACTIVE_CAP} counted per window).", (), self.active)
         sc.add("counter", "lstream_state_resets", "Stored states found unusable since start: kind=model (another "
@@ -308,6 +310,10 @@ class Runtime:
     def held(self) -> dict[tuple[str, ...], float]:
         cache = getattr(self.pipeline, "cache", None)
         return {(): float(len(cache) if cache is not None else 0)}
+
+    def hit_ratio(self) -> dict[tuple[str, ...], float]:
+        cache = getattr(self.pipeline, "cache", None)
+        return {(): float(cache.hit_rate) if cache is not None else 0.0}
 
     def faults(self) -> dict[tuple[str, ...], float]:
         f = getattr(self.pipeline, "faults", None)

@@ -167,6 +167,7 @@ EXPECTED = {
     "lstream_assigned_partitions": ("gauge", {"topic"}),
     "lstream_streams_held": ("gauge", set()),
     "lstream_streams_active": ("gauge", set()),
+    "lstream_state_cache_hit_ratio": ("gauge", set()),
     "lstream_build_info": ("info", {"version", "python", "faust", "aiokafka", "redis", "numpy"}),
     "lstream_model_info": ("info", {"version", "input_size", "hidden_size", "num_layers", "norm"}),
 }
@@ -218,6 +219,8 @@ def test_metrics_of_a_running_worker_by_the_book(running, model_dir):
     assert model["version"] == load_model(model_dir).version and model["norm"] == "stream"
     assert fams["lstream_assigned_partitions"].samples[0].value == PARTITIONS
     assert w.sample("lstream_dependency_up", service="redis") == 1
+    assert 0.5 < w.sample("lstream_state_cache_hit_ratio") <= 1  # 3 streams, many batches: mostly held
+    assert w.sample("lstream_streams_active") == STREAMS and w.sample("lstream_streams_held") == STREAMS
 
 
 def test_stalled_redis_turns_healthz_503_counted_and_logged_once(running, broker_url):
