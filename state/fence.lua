@@ -20,9 +20,8 @@ if #ARGV ~= base + width * #KEYS then
     #KEYS .. ' streams, got ' .. #ARGV)
 end
 -- What the fence reads: the position, then the fields written only when they changed.
-local read = {'partition', 'offset', 'index', 'ts', 'event_id', 'model', 'layers', 'hidden', 'layout'}
-for j = 1, s do read[9 + j] = names[j] end
-local meta = {'model', model, 'layers', layers, 'hidden', hidden, 'layout', layout}
+-- (A literal, filled in with the stable field names: in a cluster the script runs once per stream.)
+local read = {'partition', 'offset', 'index', 'ts', 'event_id', 'model', 'layers', 'hidden', 'layout'--[[READ]]}
 local args = {}
 local out = {}
 for i = 1, #KEYS do
@@ -53,9 +52,10 @@ for i = 1, #KEYS do
     local m = 6
     if cur[1] ~= ps then m = m + 2; args[m - 1] = 'partition'; args[m] = ps end
     if cur[3] ~= is then m = m + 2; args[m - 1] = 'index'; args[m] = is end
-    for j = 1, 4 do
-      if cur[5 + j] ~= meta[2 * j] then m = m + 2; args[m - 1] = meta[2 * j - 1]; args[m] = meta[2 * j] end
-    end
+    if cur[6] ~= model then m = m + 2; args[m - 1] = 'model'; args[m] = model end
+    if cur[7] ~= layers then m = m + 2; args[m - 1] = 'layers'; args[m] = layers end
+    if cur[8] ~= hidden then m = m + 2; args[m - 1] = 'hidden'; args[m] = hidden end
+    if cur[9] ~= layout then m = m + 2; args[m - 1] = 'layout'; args[m] = layout end
     for j = 1, k do
       local v = ARGV[a + 5 + j]
       if j > s or cur[9 + j] ~= v then m = m + 2; args[m - 1] = names[j]; args[m] = v end

@@ -63,7 +63,9 @@ def fence_source(names: Sequence[str], stable: int) -> str:
         if not n.isidentifier():
             raise StateError(f"state field name: expected an identifier, got {n!r}")
     listed = ", ".join(f"'{n}'" for n in names)
-    return FENCE_LUA.replace("{--[[FIELDS]]}", "{" + listed + "}").replace("--[[STABLE]]0", str(int(stable)))
+    read = "".join(f", '{n}'" for n in names[:stable])
+    return (FENCE_LUA.replace("{--[[FIELDS]]}", "{" + listed + "}").replace("--[[STABLE]]0", str(int(stable)))
+            .replace("--[[READ]]", read))
 
 
 class StateStore:

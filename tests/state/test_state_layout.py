@@ -1,6 +1,6 @@
 """The per-field layout table: a StreamStates field added without touching state/ (``adapt``,
-added by the forecaster work with no LAYOUT line) is stored, fenced and loaded; a value of
-another size or layout version is detected, never misread."""
+added by the forecaster work, first with no LAYOUT line) is stored, fenced and loaded; a value
+of another size or layout version is detected, never misread."""
 
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ def test_every_field_has_a_layout() -> None:
     for name in field_names():
         spec = layout_of(name, getattr(fresh(1), name).dtype)
         assert spec.dtype.startswith("<") and spec.version >= 1
-    assert "adapt" not in LAYOUT and layout_of("adapt", np.float64).other_layout == "fresh"
+    unlisted = layout_of("a_field_being_added", np.float64)  # no LAYOUT line yet: raw float64, v1, fresh
+    assert "a_field_being_added" not in LAYOUT
+    assert (unlisted.dtype, unlisted.version, unlisted.other_layout) == ("<f8", 1, "fresh")
+    assert layout_of("adapt", np.float64).other_layout == "fresh"
     assert "adapt:1" in codec.layout_tag(field_names()) and "h:" not in codec.layout_tag(field_names())
 
 
