@@ -68,6 +68,8 @@ class Result:
     # share (producer -> broker -> a consumer), without the worker.
     inputs: dict[str, list[float]] = field(default_factory=lambda: {"emitted": [], "received": []})
     worker: dict[str, tuple[float, float]] = field(default_factory=dict)  # its /metrics: path -> (p50, p99)
+    cpu: float = 0.0  # the worker's CPU seconds (process_cpu_seconds_total) during the feed
+    wall: float = 0.0
 
 
 def _free_port() -> int:
@@ -188,6 +190,16 @@ def _worker_cmd(broker: str, redis_url: str, port: int, topics: dict[str, str], 
             "--alerts-topic", topics["alerts"], "--dlq-topic", topics["dlq"], "--log-level", "warning", *extra]
 
 
+def _cpu(port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, body = _get(port, "/metrics")
+    for fam in text_string_to_metric_families(body.decode()):
+        if fam.name == "process_cpu_seconds":
+            return float(fam.samples[0].value)
+    return 0.0
+
+
 def _worker_quantiles(port: int) -> dict[str, tuple[float, float]]:
     """(p50, p99) per path of the worker's lstream_end_to_end_latency_seconds (bucket upper bounds)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -238,9 +250,11 @@ async def _case(case: str, extra: list[str], broker: str, redis_url: str, opts: 
         reader = asyncio.create_task(_read(broker, [topics["predictions"], topics["alerts"], topics["input"]], stop,
                                            got))
         t0 = time.time()
+        cpu0 = _cpu(port)
         res.events = await _produce(broker, topics["input"], opts.rate, opts.seconds, opts.streams, f"lat{uid}",
                                     opts.warmup)
         stop.set()
+        res.cpu, res.wall = _cpu(port) - cpu0, time.time() - t0
         await asyncio.wait_for(reader, 60)
         res.worker = _worker_quantiles(port)
         for topic, ts, emitted, received in got:
@@ -281,6 +295,8 @@ def table(results: Sequence[Result]) -> str:
                  if not k.startswith("mean")]
         lines.append(f"  {r.case:<7} " + "; ".join(parts))
         means = [f"{k[5:]} {v[0]:.1f}" for k, v in sorted(r.worker.items()) if k.startswith("mean")]
+        if r.wall and r.events:
+            lines.append(f"  {'':<7} worker CPU: {r.cpu / r.wall:.2f} cores, {r.cpu / r.events * 1e6:.0f} us per event")
         if means:
             lines.append(f"  {'':<7} per batch (ms; size in messages): " + ", ".join(means))
     return "\n".join(lines)
