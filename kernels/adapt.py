@@ -58,8 +58,8 @@ WEEK = 604800.0
 EXPERTS = ADAPT_EXPERTS
 REGRESSORS = ADAPT_REGRESSORS
 TIME_FEATURES = ("tod_sin", "tod_cos", "dow_sin", "dow_cos")
-DEFAULTS: dict[str, Any] = {"enabled": True, "forget": 0.999, "delta": 10.0, "err_rate": 0.02,
-                            "eta": 4.0, "level_rate": 0.1, "dt_rate": 0.05, "robust": 3.0}
+DEFAULTS: dict[str, Any] = {"enabled": True, "forget": 0.999, "delta": 10.0, "err_rate": 0.01,
+                            "eta": 8.0, "level_rate": 0.1, "dt_rate": 0.05, "robust": 3.0}
 
 
 

@@ -146,6 +146,9 @@ LAYOUT: dict[str, FieldLayout] = {
     # version 1 (and hashes without a ``layout`` field) held 25 + 7 F values.
     "anomaly": FieldLayout("<f8", "(detector size,)", version=2, other_layout="fresh"),
     "episode": FieldLayout("<i8", "()", text=True, stable=True),
+    # adapt: kernels.adapt per-stream adaptation, adapt_layout(F) (its first value repeats the
+    # layout version, kernels.adapt.LAYOUT_VERSION, so the kernel restarts a foreign vector too).
+    "adapt": FieldLayout("<f8", "(adapt size,)", version=1, other_layout="fresh"),
 }
 # Fields of StreamStates without a line above (e.g. a field being added) are stored as raw
 # float64/int64 bytes, version 1, restarted afresh on a size mismatch: see layout_of.
