@@ -31,9 +31,10 @@ ADAPT_MAX_FLOATS = 1024  # 8 KB per stream
 def adapt_layout(num_features: int) -> dict[str, int]:
     """Offsets in a stream's ``adapt`` vector (float64): the header (``ADAPT_HEADER``), then per
     feature [level, fast level, slow level, last reading, forecast per expert, mean abs error per
-    expert, error count per expert, readout weights (d), its inverse-correlation matrix P (d x d), last regressors (d)], then
-    the time-of-day bins: their last reading's ts, then values (bin-major, F per bin). The
-    number of bins (a divisor of 288, i.e. 5 to 60 minutes wide) shrinks with F to stay <= 8 KB."""
+    expert, error count per expert, readout weights (d), its inverse-correlation matrix P
+    (d x d), last regressors (d)], then the time-of-day bins: their last reading's ts, then
+    values (bin-major, F per bin). The number of bins (a divisor of 288, i.e. 5 to 60 minutes
+    wide) shrinks with F to stay <= 8 KB."""
     k, d = len(ADAPT_EXPERTS), len(ADAPT_REGRESSORS)
     per = 4 + 3 * k + d + d * d + d
     head = len(ADAPT_HEADER)
