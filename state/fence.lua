@@ -4,17 +4,20 @@
 -- The store fills in FIELDS (the hash field names of the StreamStates fields, the "stable" ones
 -- first: written only when the stored value differs) and STABLE (how many are stable) from the
 -- layout table (kernels/states.py) before loading this script.
+-- It also fills in the store's constants: MODEL (model version), LAYERS, HIDDEN (the shape of h
+-- and c), LAYOUT (the layout field) and TTL (ms, 0 = keep forever): one script per store.
 -- KEYS[1..n]: the streams' hashes, lstream:state:{<stream_id>}
--- ARGV[1..6]: model, layers, hidden, layout, updated_at, TTL in ms (0 = keep forever)
+-- ARGV[1]: updated_at
 -- then per stream, 5 + k values: partition, offset, index, ts, event_id ('' = none), the k fields
 -- Returns one code per stream: 1 applied; 3 already stored (the stored position and event_id
 -- are exactly this save's: our own earlier write, whose reply was lost); 0 refused (a newer
 -- position is stored); 2 refused (event_id equal to the stored one: a duplicate).
 local names = {--[[FIELDS]]}
 local k, s = #names, --[[STABLE]]0
-local model, layers, hidden, layout, updated = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ttl = tonumber(ARGV[6])
-local base, width = 6, 5 + k
+local model, layers, hidden, layout = --[[MODEL]]'', --[[LAYERS]]'', --[[HIDDEN]]'', --[[LAYOUT]]''
+local ttl = --[[TTL]]0
+local updated = ARGV[1]
+local base, width = 1, 5 + k
 if #ARGV ~= base + width * #KEYS then
   return redis.error_reply('ERR lstream fence: expected ' .. (base + width * #KEYS) .. ' arguments for ' ..
     #KEYS .. ' streams, got ' .. #ARGV)

@@ -52,9 +52,20 @@ FENCE_LUA = (HERE / "fence.lua").read_text()
 LOAD_LUA = (HERE / "load.lua").read_text()
 
 
-def fence_source(names: Sequence[str], stable: int) -> str:
+def lua_string(raw: bytes) -> str:
+    """A Lua string literal of any bytes (every byte as a decimal escape: nothing to misquote).
+
+    >>> print(lua_string(b"m-1'"))
+    '\\109\\45\\49\\39'
+    """
+    return "'" + "".join(f"\\{b}" for b in raw) + "'"
+
+
+def fence_source(names: Sequence[str], stable: int, *, model: bytes = b"", layers: int = 0, hidden: int = 0,
+                 layout: bytes = b"", ttl_ms: int = 0) -> str:
     """``state/fence.lua`` for these StreamStates fields (the first ``stable`` of them compared
-    before they are written): the names are constants of the script, not arguments of every call.
+    before they are written) and this store's model, shape, layout tag and TTL: constants of the
+    script, not arguments of every call (in a cluster the script runs once per stream).
 
     >>> "local names = {'norm', 'h'}" in fence_source(["norm", "h"], 1)
     True
@@ -65,7 +76,9 @@ def fence_source(names: Sequence[str], stable: int) -> str:
     listed = ", ".join(f"'{n}'" for n in names)
     read = "".join(f", '{n}'" for n in names[:stable])
     return (FENCE_LUA.replace("{--[[FIELDS]]}", "{" + listed + "}").replace("--[[STABLE]]0", str(int(stable)))
-            .replace("--[[READ]]", read))
+            .replace("--[[READ]]", read).replace("--[[MODEL]]''", lua_string(model))
+            .replace("--[[LAYERS]]''", lua_string(b"%d" % layers)).replace("--[[HIDDEN]]''", lua_string(b"%d" % hidden))
+            .replace("--[[LAYOUT]]''", lua_string(layout)).replace("--[[TTL]]0", str(int(ttl_ms))))
 
 
 class StateStore:
@@ -103,7 +116,9 @@ class StateStore:
 
         self._order = tuple([n for n in self._names if stable(n)] + [n for n in self._names if not stable(n)])
         self._stable = sum(stable(n) for n in self._names)
-        self._fence_src = fence_source(self._order, self._stable)
+        self._fence_src = fence_source(self._order, self._stable, model=self._model_b, layers=int(num_layers or 0),
+                                       hidden=int(hidden_size or 0), layout=self._layout_b,
+                                       ttl_ms=round(self.ttl * 1000))
         self._keys: dict[str, str] = {}
         # Counters for /metrics.
         self.loads = 0  # streams loaded
@@ -305,7 +320,7 @@ class StateStore:
                 blob = flat.tobytes()
                 w = flat.shape[1] * flat.itemsize
                 cols.append([blob[i:i + w] for i in range(0, n * w, w)] if w else [b""] * n)
-        head = [self._model_b, self.num_layers, self.hidden_size, self._layout_b, repr(now), round(self.ttl * 1000)]
+        head = [repr(now)]
         return head, [list(r) for r in zip(*cols)]
 
     async def _save_single(self, keys: list[str], head: list[Any], rows: list[list[Any]], ids: Sequence[str],

@@ -62,3 +62,24 @@ def test_an_added_field_round_trips_and_a_size_change_is_detected(redis_url: str
     np.testing.assert_array_equal(again.states.adapt[0], st.adapt[0])
     assert (again.states.adapt[1] == 0).all() and (again.states.h[1] == 1.5).all()
     assert again.unreadable == [None, None] and counters["layout_resets"] == 1
+
+
+def test_any_model_version_text_is_written_and_recognised(redis_url: str) -> None:
+    """The model version is a constant of the fence script: quotes, backslashes and non-ASCII
+    text must come out byte for byte (and the state must be recognised as that model's)."""
+    version = "m-'\"\\]]--ü"
+    sid = "lay-model-" + uuid.uuid4().hex[:8]
+
+    async def go() -> Any:
+        store = await StateStore.connect(redis_url, model_version=version, num_layers=L, hidden_size=H,
+                                         input_size=F, fresh=fresh)
+        try:
+            one = np.zeros(1, np.int64)
+            await store.save([sid], fresh(1), Positions.build(one, one, one, [1.0]))
+            return await store.load([sid])
+        finally:
+            await store.close()
+
+    loaded = asyncio.run(go())
+    assert loaded.found[0] and not loaded.reset[0] and loaded.unreadable == [None]
+    assert redis.Redis.from_url(redis_url).hget(codec.state_key(sid), "model") == version.encode()
