@@ -103,7 +103,7 @@ async def _send(broker: str, topic: str, ids: Sequence[str], steps: range, t0: f
     """Readings ``steps`` of every stream, step by step, in gateway batches; returns messages."""
     import orjson
 
-    from lstream.commands.produce import gateway_of
+    from lstream.feeds import gateway_of
     from worker.kafka import Sender
 
     gateways = max(1, len(ids) // 1000)
