@@ -239,7 +239,8 @@ async def _case(case: str, extra: list[str], broker: str, redis_url: str, opts: 
     await ensure_topics(broker, list(topics.values()), 4)
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
-    cmd = _worker_cmd(broker, redis_url, port, topics, f"lat-{case}-{uid}", extra)
+    cmd = _worker_cmd(broker, redis_url, port, topics, f"lat-{case}-{uid}",
+                      [*extra, *(["--model", opts.model] if opts.model else [])])
     # Started once, before anything is timed: a blocking Popen is fine here.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220
     res = Result(case)
@@ -313,6 +314,7 @@ def build_parser(prog: str = "python -m benchmarks.latency") -> argparse.Argumen
                    "names given with --case")
     p.add_argument("--case", action="append", default=[], metavar="NAME=FLAGS",
                    help="an extra configuration: worker flags, e.g. 'fw100=--fetch-wait 0.1' (repeatable)")
+    p.add_argument("--model", help="model artifact directory (default: the worker's default model)")
     p.add_argument("--broker", help="kafka://host:port (default: an embedded Tansu broker)")
     p.add_argument("--redis-url", help="redis:// URL (default: a throwaway redis-server)")
     p.add_argument("--quick", action="store_true", help="a short run: 12 s per case, 20 streams")
