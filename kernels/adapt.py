@@ -148,12 +148,16 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                         lim = robust * max(typical, 1e-6)
                         err = _clip(err, lim)
                     trace = 0.0
+                    inv_den = 1.0 / den
+                    inv_forget = 1.0 / forget
                     for a in range(d):
-                        st[th + a] += pphi[a] / den * err
+                        st[th + a] += pphi[a] * inv_den * err
                     for a in range(d):
+                        ka = pphi[a] * inv_den
+                        row = pb + a * d
                         for b in range(d):
-                            st[pb + a * d + b] = (st[pb + a * d + b] - pphi[a] * pphi[b] / den) / forget
-                        trace += st[pb + a * d + a]
+                            st[row + b] = (st[row + b] - ka * pphi[b]) * inv_forget
+                        trace += st[row + a]
                     if trace > 100.0 * delta * d:  # unexcited directions: stop forgetting them
                         shrink = 100.0 * delta * d / trace
                         for a in range(d * d):
