@@ -65,6 +65,7 @@ class Corpus:
     err: dict[str, np.ndarray]  # float64 (T, F) reading minus forecast, model units (0 at row 0)
     labels: dict[str, nab_score.Labels]
     engine_scores: dict[str, np.ndarray]  # the engine's own scores at the model's detector settings
+    detector_cfg: dict[str, float]  # the model's own detector settings (model.json over the defaults)
 
     def folds(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -108,10 +109,10 @@ def collect(data_dir: str, windows_path: str, model_dir: str, *, workers: int = 
     names = sorted(d[0] for d in done)
     by = {d[0]: d for d in done}
     labels = nab_score.labels_for_corpus({n: by[n][1] for n in names}, windows, parse_time)
+    cfg = detector.config(nab.make_engine(model_dir).model.detector)
     corpus = Corpus(names, {n: by[n][2] for n in names}, {n: by[n][3] for n in names}, labels,
-                    {n: by[n][4] for n in names})
+                    {n: by[n][4] for n in names}, cfg)
     # The recomputed errors must give the engine's own scores, or every result below is moot.
-    cfg = nab.make_engine(model_dir).model.detector
     for n in names:
         mine = detector_scores(corpus, n, cfg)
         if not np.allclose(mine, corpus.engine_scores[n], atol=1e-6):

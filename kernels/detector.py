@@ -7,7 +7,9 @@ one reading (every memory is a sliding window or a clipped average):
 - **Forecast error** (``forecast_error``). ``e_t`` is the forecast error's size in model units
   (RMS over features), smoothed over ``smooth`` steps: ``s_t = s + (e_t - s) / smooth``. Its
   *record* ``R`` is the largest smoothed error of the last ``BLOCKS * block`` steps (the
-  maxima of ``BLOCKS`` blocks of ``block`` steps: a sliding window in constant space), and
+  maxima of ``BLOCKS`` blocks of ``block`` steps: a sliding window in constant space; it
+  restarts halfway through the warm-up, forgetting the errors made while the stream's
+  normalisation settled), and
   ``g = s_t / R``. A nonparametric tail test, like Telemanom's dynamic thresholds on
   smoothed errors: forecast errors are heavy-tailed, and a Gaussian tail probability on them
   (Numenta's anomaly likelihood) did much worse.
@@ -356,6 +358,13 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
         st[_REASON + 3] = brk
         st[_REASON + 4] = run_max
         st[_REASON + 5] = float(stuck_j if stuck else brk_j)
+        if count == np.floor(0.5 * warmup):
+            # Halfway through the warm-up the record restarts: the errors made while the
+            # stream's normalisation settled (often huge) must not mask the first anomalies.
+            for k in range(BLOCKS + 1):
+                st[5 + k] = 0.0
+            st[2] = 0.0
+            st[3] = 0.0
         # The smoothed error joins the running block; a full block enters the ring.
         fill = st[2] + 1.0
         pos = int(st[3])

@@ -87,10 +87,11 @@ def _cross_validate(args: argparse.Namespace, data: str, windows: str, model: st
     profiles = nab_score.load_profiles(profiles_path)
     if "standard" not in profiles:
         raise CliError(f"{profiles_path}: expected a 'standard' profile")
-    candidates = cv.grid(spec, fixed)
-    for c in candidates:
+    for c in cv.grid(spec, fixed):
         detector.params(c)  # refuse bad settings before the model runs
     corpus = cv.collect(data, windows, model, workers=args.workers)
+    # Candidates: the model's own detector settings, --set over them, each --grid combination over that.
+    candidates = cv.grid(spec, {**corpus.detector_cfg, **fixed})
     res = cv.cross_validate(corpus, candidates, profiles["standard"])
     print(f"NAB: {len(corpus.names)} files, model {model}")
     print(cv.report(res, list(spec)))

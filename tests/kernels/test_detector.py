@@ -105,6 +105,9 @@ class Reference:
             raw = 0.0
         elif raw >= c["threshold"]:
             self.quiet = int(c["refractory"])
+        if self.count == math.floor(c["warmup"] / 2):  # the record restarts halfway through the warm-up
+            self.blocks.clear()
+            self.block = []
         self.block.append(self.s)
         if len(self.block) >= c["block"]:
             self.blocks.append(max(self.block))
@@ -408,3 +411,19 @@ def test_engine_alert_reasons_name_the_evidence_of_the_alerting_streams(tmp_path
     reason, evidence = hit[0][2][hit[0][1].index(1)]
     assert reason == "range_breakout" and evidence["distance_steps"] > 100
     assert engine.alert_reasons(st, [0, 1])[1][0] in detector.REASONS
+
+
+def test_errors_made_while_the_normalisation_settles_do_not_mask_the_first_anomalies() -> None:
+    rng = np.random.default_rng(13)
+    t = 400
+    xs = np.sin(2 * np.pi * np.arange(t) / 50).reshape(-1, 1)
+    errs = rng.normal(size=(t, 1)) * 0.1
+    errs[1:20] = 300.0  # a stream's first readings: the running mean and std are still wrong
+    errs[200] = 2.0  # an anomaly soon after the warm-up (150): 20 typical errors
+    scores = run(errs, xs)
+    assert scores[200] > detector.DEFAULTS["threshold"]
+    _, reason, ev = _reason_after(errs, xs, 200)
+    assert reason == "forecast_error" and ev["record"] < 1.0  # the start-up errors left the record
+    late = errs.copy()
+    late[100:120] = 300.0  # errors after the restart (count 75) stay in the record
+    assert run(late, xs)[200] < 0.5
