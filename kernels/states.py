@@ -51,6 +51,43 @@ def adapt_size(num_features: int) -> int:
     return adapt_layout(num_features)["size"]
 
 
+def describe_adapt(vec: Any, num_features: int) -> dict[str, Any] | None:
+    """A stream's ``adapt`` vector as JSON-ready numbers (``lstream state show``): the event
+    interval, and per feature each expert's last forecast (model units), mean abs error and
+    current mixture weight share (with the default ``eta`` = 8), and the readout's weights.
+    None when the vector is empty, fresh or of another layout.
+
+    >>> v = np.zeros(adapt_size(1)); describe_adapt(v, 1) is None
+    True
+    """
+    vec = np.asarray(vec, dtype=np.float64)
+    if vec.size != adapt_size(num_features) or vec[0] != 1.0:
+        return None
+    lay = adapt_layout(num_features)
+    k, d = len(ADAPT_EXPERTS), len(ADAPT_REGRESSORS)
+
+    def num(v: float) -> float | None:
+        return float(v) if np.isfinite(v) else None
+
+    feats = []
+    for j in range(num_features):
+        base = lay["features_at"] + j * lay["per_feature"]
+        fc, mae, cnt = (vec[base + 4 + i * k: base + 4 + (i + 1) * k] for i in range(3))
+        ok = np.isfinite(fc) & (cnt > 0) & np.isfinite(mae)
+        w = np.zeros(k)
+        if ok.any():
+            best = max(float(mae[ok].min()), 1e-9)
+            w[ok] = np.exp(-8.0 * (mae[ok] / best - 1.0))
+            w /= w.sum()
+        theta = vec[base + 4 + 3 * k: base + 4 + 3 * k + d]
+        feats.append({"experts": {name: {"forecast": num(fc[i]), "mae": num(mae[i]) if cnt[i] else None,
+                                         "weight": round(float(w[i]), 4)} for i, name in enumerate(ADAPT_EXPERTS)},
+                      "readout": {name: num(theta[i]) for i, name in enumerate(ADAPT_REGRESSORS)}})
+    bins_ts = vec[lay["bin_ts_at"]: lay["bin_ts_at"] + lay["bins"]]
+    return {"layout": 1, "interval_s": num(vec[2]) if vec[3] > 0 else None, "steps": int(vec[4]),
+            "day_bins_filled": int(np.count_nonzero(bins_ts > 0)), "day_bins": lay["bins"], "features": feats}
+
+
 def norm_size(num_features: int) -> int:
     """Length of a stream's ``norm`` vector (count, then mean and M2 per feature)."""
     return 1 + 2 * num_features

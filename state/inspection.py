@@ -105,4 +105,9 @@ def describe(record: Mapping[str, Any], *, now: float | None = None,
             names = tuple(str(i) for i in range(len(anomaly)))
         out["anomaly_fields"] = list(names)
         out["anomaly_stats"] = {n: _num(v) for n, v in zip(names, np.asarray(anomaly).tolist())}
+    adapt = record.get("adapt")  # per-stream adaptation (kernels/adapt.py): a summary, not 6 KB of floats
+    if adapt is not None:
+        from kernels.states import describe_adapt
+
+        out["adapt"] = describe_adapt(adapt, num_features)
     return out
