@@ -161,7 +161,8 @@ class FieldLayout:
     ``contract``: the field is part of the fixed contract layout (its version never changes and
     is not recorded in the hash's ``layout`` field). ``stable``: the value often stays the same
     from one save to the next (the fence reads it and writes it only when it changed, which
-    saves Redis CPU; wrong only costs speed).
+    saves Redis CPU; wrong only costs speed). ``nan``: NaN is a value this field defines (e.g.
+    "no forecast yet" inside the adaptation vector), so only infinity marks a broken step.
     """
 
     dtype: str
@@ -171,6 +172,7 @@ class FieldLayout:
     other_layout: str = "bad"
     contract: bool = False
     stable: bool = False
+    nan: bool = False
 
 
 LAYOUT: dict[str, FieldLayout] = {
@@ -186,7 +188,7 @@ LAYOUT: dict[str, FieldLayout] = {
     "episode": FieldLayout("<i8", "()", text=True, stable=True),
     # adapt: kernels.adapt per-stream adaptation, adapt_layout(F) (its first value repeats the
     # layout version, kernels.adapt.LAYOUT_VERSION, so the kernel restarts a foreign vector too).
-    "adapt": FieldLayout("<f8", "(adapt size,)", version=1, other_layout="fresh"),
+    "adapt": FieldLayout("<f8", "(adapt size,)", version=1, other_layout="fresh", nan=True),
 }
 # Fields of StreamStates without a line above (e.g. a field being added) are stored as raw
 # float64/int64 bytes, version 1, restarted afresh on a size mismatch: see layout_of.

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from kernels.engine import Engine, Outputs
-from kernels.states import StreamStates
+from kernels.states import StreamStates, layout_of
 from worker.encode import Encoder, Output
 from worker.events import FAILED, Event, Rejection
 from worker.plan import Plan
@@ -39,13 +39,17 @@ class Computed:
 
 def finite_rows(st: StreamStates, out: Outputs, fresh: StreamStates) -> np.ndarray:
     """bool (n,): the row's outputs and state hold no NaN or infinity, except a NaN where a
-    fresh state has one (a defined value, such as "no forecast yet")."""
+    fresh state has one or in a field whose layout defines NaN (``FieldLayout.nan``), both
+    meaning "no value yet"."""
     ok = np.isfinite(out.forecast).all(axis=1) & np.isfinite(out.score)
     for f in fields(st):
         a = getattr(st, f.name)
         if a.dtype.kind != "f" or a.size == 0:
             continue
         a = a.reshape(len(a), -1)
+        if layout_of(f.name, a.dtype).nan:  # NaN means something here: only infinity is broken
+            ok &= ~np.isinf(a).any(axis=1)
+            continue
         defined = np.isnan(getattr(fresh, f.name).reshape(1, -1))
         if defined.any():
             ok &= (np.isfinite(a) | defined).all(axis=1)

@@ -48,3 +48,23 @@ def test_a_poisoned_row_restarts_alone_and_its_neighbours_are_unchanged(engine):
     assert len(preds) == 23 and got.applied == 23
     # the inputs were not touched: the caller can retry from them
     assert np.isinf(poisoned.c[2, 0, 0]) and (warm.steps == 3).all()
+
+
+def test_nan_the_adaptation_layout_defines_is_kept_but_infinity_is_not(tmp_path):
+    # The default model's adaptation vector uses NaN for "no forecast yet"; a step leaving
+    # one must not count as broken, while an infinity there must (regression: every event of
+    # the retrained default model was dead-lettered as failed).
+    from kernels.engine import Outputs
+    from worker.compute import finite_rows
+
+    model = load_model("models/default")
+    eng = Engine(model)
+    st = eng.new_states(3)
+    if st.adapt.shape[1] == 0:
+        pytest.skip("the default model keeps no adaptation vector")
+    fresh = eng.new_states(1)
+    st.pred[:] = 0.0
+    st.adapt[:, -1] = np.nan
+    st.adapt[2, -1] = np.inf
+    out = Outputs(np.zeros((3, 1)), np.zeros((3, 1)), np.zeros(3), np.zeros(3, bool), np.zeros(3, bool))
+    assert finite_rows(st, out, fresh).tolist() == [True, True, False]
