@@ -102,9 +102,7 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
             st[0] = LAYOUT_VERSION
             for j in range(f):
                 base = off_feat + j * per
-                for k in range(k_exp):
-                    st[base + 4 + k] = np.nan  # no forecast yet
-                pb = base + 4 + 3 * k_exp + d
+                pb = base + 4 + 4 * k_exp + d
                 for a in range(d):
                     st[pb + a * d + a] = delta
         t = ts[i]
@@ -121,14 +119,14 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                 target = _clip((x[i, j] - mean0[i, j]) / std0[i, j], clip)
                 for k in range(k_exp):
                     fk = st[base + 4 + k]
-                    if np.isfinite(fk):
+                    if st[base + 4 + 3 * k_exp + k] == 1.0:  # the expert made a forecast
                         cnt = st[base + 4 + 2 * k_exp + k] + 1.0
                         st[base + 4 + 2 * k_exp + k] = cnt
                         a = max(1.0 / cnt, err_rate)
                         mae_at = base + 4 + k_exp + k
                         e = abs(target - fk)
                         st[mae_at] = e if cnt == 1.0 else st[mae_at] + a * (e - st[mae_at])
-                th = base + 4 + 3 * k_exp
+                th = base + 4 + 4 * k_exp
                 pb = th + d
                 ph = pb + d * d
                 if st[ph] == 1.0:  # a regressor vector was stored at the previous step
@@ -200,7 +198,7 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                     if np.isfinite(prev_day[j]):
                         fc[3] = _clip(z + (nxt - prev_day[j]) / s, clip)
             fc[4] = _clip((st[base] - m) / s, clip)
-            th = base + 4 + 3 * k_exp
+            th = base + 4 + 4 * k_exp
             ph = th + d + d * d
             phi[0] = 1.0
             phi[1] = z
@@ -237,8 +235,10 @@ def _adapt(state, x, ts, seen, mean0, std0, mean1, std1, g, params, lay, out):  
                         num += w * fc[k]
                         den += w
             out[i, j] = num / den if den > 0.0 else g[i, j]
-            for k in range(k_exp):
-                st[base + 4 + k] = fc[k]
+            for k in range(k_exp):  # stored without NaN: a flag says whether the expert spoke
+                ok = np.isfinite(fc[k])
+                st[base + 4 + k] = fc[k] if ok else 0.0
+                st[base + 4 + 3 * k_exp + k] = 1.0 if ok else 0.0
         st[4] += 1.0
 
 

@@ -31,12 +31,13 @@ ADAPT_MAX_FLOATS = 1024  # 8 KB per stream
 def adapt_layout(num_features: int) -> dict[str, int]:
     """Offsets in a stream's ``adapt`` vector (float64): the header (``ADAPT_HEADER``), then per
     feature [level, fast level, slow level, last reading, forecast per expert, mean abs error per
-    expert, error count per expert, readout weights (d), its inverse-correlation matrix P
-    (d x d), last regressors (d)], then the time-of-day bins: their last reading's ts, then
-    values (bin-major, F per bin). The number of bins (a divisor of 288, i.e. 5 to 60 minutes
-    wide) shrinks with F to stay <= 8 KB."""
+    expert, error count per expert, 1 where the expert made a forecast (else 0: no NaN is
+    stored), readout weights (d), its inverse-correlation matrix P (d x d), last regressors
+    (d)], then the time-of-day bins: their last reading's ts, then values (bin-major, F per
+    bin). The number of bins (a divisor of 288, i.e. 5 to 60 minutes wide) shrinks with F to
+    stay <= 8 KB."""
     k, d = len(ADAPT_EXPERTS), len(ADAPT_REGRESSORS)
-    per = 4 + 3 * k + d + d * d + d
+    per = 4 + 4 * k + d + d * d + d
     head = len(ADAPT_HEADER)
     for bins in (288, 144, 96, 48, 24):
         size = head + per * num_features + bins * (1 + num_features)
@@ -72,16 +73,18 @@ def describe_adapt(vec: Any, num_features: int) -> dict[str, Any] | None:
     feats = []
     for j in range(num_features):
         base = lay["features_at"] + j * lay["per_feature"]
-        fc, mae, cnt = (vec[base + 4 + i * k: base + 4 + (i + 1) * k] for i in range(3))
-        ok = np.isfinite(fc) & (cnt > 0) & np.isfinite(mae)
+        fc, mae, cnt, spoke = (vec[base + 4 + i * k: base + 4 + (i + 1) * k] for i in range(4))
+        ok = (spoke == 1.0) & (cnt > 0)
         w = np.zeros(k)
         if ok.any():
             best = max(float(mae[ok].min()), 1e-9)
             w[ok] = np.exp(-8.0 * (mae[ok] / best - 1.0))
             w /= w.sum()
-        theta = vec[base + 4 + 3 * k: base + 4 + 3 * k + d]
-        feats.append({"experts": {name: {"forecast": num(fc[i]), "mae": num(mae[i]) if cnt[i] else None,
-                                         "weight": round(float(w[i]), 4)} for i, name in enumerate(ADAPT_EXPERTS)},
+        theta = vec[base + 4 + 4 * k: base + 4 + 4 * k + d]
+        feats.append({"experts": {name: {"forecast": num(fc[i]) if spoke[i] else None,
+                                         "mae": num(mae[i]) if cnt[i] else None,
+                                         "weight": round(float(w[i]), 4)}
+                                  for i, name in enumerate(ADAPT_EXPERTS)},
                       "readout": {name: num(theta[i]) for i, name in enumerate(ADAPT_REGRESSORS)}})
     bins_ts = vec[lay["bin_ts_at"]: lay["bin_ts_at"] + lay["bins"]]
     return {"layout": 1, "interval_s": num(vec[2]) if vec[3] > 0 else None, "steps": int(vec[4]),
