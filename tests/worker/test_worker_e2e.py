@@ -189,6 +189,9 @@ def _assert_states_match(loaded, ids: list[str], offline) -> None:
         # detector statistics are built from forecast errors: float32 rounding, as h and c
         np.testing.assert_allclose(loaded.states.anomaly[i], fin.anomaly[0], rtol=1e-4, atol=1e-6, err_msg=sid)
         assert loaded.states.episode[i] == fin.episode[0], sid
+        # per-stream adaptation (kernels/adapt.py), saved fenced with (h, c); NaN = "no forecast yet"
+        np.testing.assert_allclose(loaded.states.adapt[i], fin.adapt[0], rtol=1e-4, atol=1e-6, equal_nan=True,
+                                   err_msg=sid)
 
 
 # ------------------------------------------------- the main run (module scope)
@@ -304,7 +307,8 @@ def test_forecasts_match_offline_replay_and_torch(run, model_dir):
         torch_fc, std = _torch_forecasts(model_dir, vals)
         # Within 1e-4 in model units (sensor units scaled by the stream's spread).
         assert np.abs((fc - ref.forecast) / std).max() < 1e-4, sid
-        assert np.abs((fc - torch_fc) / std).max() < 1e-4, sid
+        if Engine(load_model(model_dir)).adapter is None:  # adapted forecasts mix more than torch's
+            assert np.abs((fc - torch_fc) / std).max() < 1e-4, sid
         assert got[0]["expected"] is None
         np.testing.assert_allclose(np.array([p["expected"] for p in got[1:]]), fc[:-1], rtol=1e-12, atol=0)
         np.testing.assert_allclose([p["score"] for p in got], ref.score, atol=1e-4)
