@@ -20,13 +20,17 @@ from lstream.cli import CliError
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("files", nargs="+", help="CSV files: a timestamp column and the model's value columns")
-    p.add_argument("--model", default=None, help="model artifact directory (default: LSTREAM_MODEL or the bundled model)")
+    p.add_argument("--model", default=None,
+                   help="model artifact directory (default: LSTREAM_MODEL or the bundled model)")
     p.add_argument("--out", default=None, help="directory for <stream>.csv results (default: write no CSV)")
-    p.add_argument("--plot", default=None, metavar="PNG", help="draw series, forecast, score and anomalies into this PNG")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="draw series, forecast, score and anomalies into this PNG")
     p.add_argument("--plot-streams", type=int, default=6, help="at most this many streams in the plot")
     p.add_argument("--columns", default=None, help="comma-separated value columns (default: every numeric column)")
     p.add_argument("--stream-column", default=None, help="column naming the stream of each row")
     p.add_argument("--threshold", type=float, default=None, help="anomaly threshold (default: the model's)")
+    p.add_argument("--adapt", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-stream online adaptation on/off (default: as model.json says, like the worker)")
     p.add_argument("--calm-steps", type=int, default=None,
                    help="scores under the threshold that end an episode (default: the model's)")
     p.add_argument("--explain", default=None, metavar="DIR",
@@ -56,7 +60,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             streams = read_streams(args.files, stream_column=args.stream_column)
     else:
         streams = read_streams(args.files, stream_column=args.stream_column, columns=columns)
-    engine = Engine(model, threshold=args.threshold, calm_steps=args.calm_steps)
+    engine = Engine(model, threshold=args.threshold, calm_steps=args.calm_steps, adapt=args.adapt)
     results = replay_streams(engine, streams)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
