@@ -117,7 +117,7 @@ class GroupHealth:
         self.episodes = {r: 0 for r in REASONS}
         self.last_rejoin: float | None = None
         self.probe_error: str | None = None
-        self.healed = 0  # stale leaders cleared (heal_stale_leader)
+        self.healed = 0  # departed leaders found and taken over (stale_leader, rejoin)
 
     # Rebalance events (Faust's on_partitions_revoked / on_partitions_assigned).
     def on_revoked(self) -> None:
@@ -232,24 +232,22 @@ async def probe_group(broker_hosts: str, group_id: str, topic: str, timeout: flo
 
 
 MEMBER_ID_REQUIRED = 79
-HEALER_SESSION_MS = 6000  # the healer's joins: Kafka's smallest default session; Tansu answers a join in about half
+HEALER_SESSION_MS = 6000  # the probe's join: Kafka's smallest default session; Tansu answers a join in about half
 HEALER_PROTOCOLS = ("faust", "range", "roundrobin", "sticky")  # the group's protocol must be among these
 
 
-async def heal_stale_leader(broker_hosts: str, group_id: str, topic: str, timeout: float = 15.0) -> str | None:
-    """Work around the Tansu coordinator's stale leader (docs/resilience.md); returns the departed
-    leader's member id if the group had one (and was healed), else None.
+async def stale_leader(broker_hosts: str, group_id: str, topic: str, timeout: float = 15.0) -> str | None:
+    """The member id the broker names as the group's leader if that member has left the group
+    (Tansu's defect, docs/resilience.md), else None.
 
     Tansu (0.6) keeps naming a member that left with LeaveGroup while the group was forming as
-    its leader; every JoinGroup answers with that leader and every follower's SyncGroup with
-    REBALANCE_IN_PROGRESS, for ever. Tansu accepts a JoinGroup with any member id, so a short-lived
-    client joins under the departed leader's id (which makes it the leader), syncs an empty
-    assignment (the group forms) and leaves: the next join elects a live member. A leader that is
-    still a member (per DescribeGroups) is left alone."""
+    its leader: every JoinGroup answers with it, every follower's SyncGroup with
+    REBALANCE_IN_PROGRESS, for ever. A short-lived member joins (the answer names the leader),
+    leaves, and DescribeGroups says whether that leader is still a member."""
     from aiokafka.client import AIOKafkaClient
     from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
     from aiokafka.protocol.admin import DescribeGroupsRequest
-    from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest, SyncGroupRequest
+    from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
     metadata = ConsumerProtocolMemberMetadata(0, [topic], b"").encode()
     protocols = [(name, metadata) for name in HEALER_PROTOCOLS]
@@ -257,44 +255,49 @@ async def heal_stale_leader(broker_hosts: str, group_id: str, topic: str, timeou
     await client.bootstrap()
     try:
         node = await asyncio.wait_for(client.coordinator_lookup(0, group_id), timeout)
-
-        async def join(member_id: str) -> Any:
-            while True:
-                r = await client.send(node, JoinGroupRequest(group_id, HEALER_SESSION_MS, HEALER_SESSION_MS,
-                                                             member_id, None, "consumer", protocols))
-                if r.error_code != MEMBER_ID_REQUIRED:
-                    return r
-                member_id = r.member_id
-
-        probe = await join("")
+        member = ""
+        while True:
+            probe = await client.send(node, JoinGroupRequest(group_id, HEALER_SESSION_MS, HEALER_SESSION_MS,
+                                                             member, None, "consumer", protocols))
+            if probe.error_code != MEMBER_ID_REQUIRED:
+                break
+            member = probe.member_id
+        if member:
+            await client.send(node, LeaveGroupRequest(group_id, member))
         if probe.error_code:
             return None
-        leader, me = probe.leader_id, probe.member_id
-        await client.send(node, LeaveGroupRequest(group_id, me))
+        leader = probe.leader_id
         described = await client.send(node, DescribeGroupsRequest([group_id]))
         members = {m[0] for g in described.groups for m in g[5]} if described.groups else set()
-        if not leader or leader == me or leader in members:
-            return None  # no leader, or a live one: nothing stale to clear
-        healer = await join(leader)
-        if healer.error_code or healer.leader_id != healer.member_id:
-            return None
-        await client.send(node, SyncGroupRequest(group_id, healer.generation_id, healer.member_id, None,
-                                                 [(healer.member_id, b"")]))
-        await client.send(node, LeaveGroupRequest(group_id, healer.member_id))
+        if not leader or leader == member or leader in members:
+            return None  # no leader, or a live one
         return str(leader)
     finally:
         await client.close()
 
 
-async def rejoin(app: Any) -> None:
-    """Leave the consumer group and join again with a new member id (in Faust's consumer thread)."""
+async def rejoin(app: Any, as_member: str | None = None, patience: float = 30.0) -> None:
+    """Leave the consumer group and join again (in Faust's consumer thread): with a new member
+    id, or under ``as_member``: the departed leader's id, which Tansu accepts and then treats
+    this worker as the leader, so the group forms (the work-around for its stale leader)."""
     thread = app.consumer._thread
     consumer = thread._ensure_consumer()
 
     async def leave_and_join() -> None:
         coordinator = consumer._coordinator
         await coordinator._maybe_leave_group()  # LeaveGroup, then forget generation and member id
-        coordinator.request_rejoin()
+        if as_member is None:
+            return  # reset_generation() asked for a rejoin
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            # Set without yielding in between, so the next JoinGroup carries it; a join that was
+            # already in flight may overwrite it with its answer: set it again.
+            if coordinator.member_id != as_member:
+                coordinator.member_id = as_member
+                coordinator.request_rejoin()
+            elif consumer.assignment():
+                return
+            await asyncio.sleep(0.5)
 
     await thread.call_thread(leave_and_join)
 
@@ -313,8 +316,15 @@ def attach(app: Any, runtime: Any, *, interval: float = 5.0) -> GroupHealth:
     def input_partitions(tps: Any) -> int:
         return sum(1 for tp in tps or () if tp.topic == s.input_topic)
 
+    task: list[asyncio.Task[None]] = []
+
     async def revoked(*args: Any, **kwargs: Any) -> None:
         gh.on_revoked()
+        # The checks run as a plain task started at the first rebalance (the worker's first
+        # join revokes the empty set): Faust starts its timers only after the first assignment
+        # and recovery, which a worker stuck in its group never reaches.
+        if not task:
+            task.append(asyncio.get_running_loop().create_task(watch()))
 
     async def assigned(sender: Any = None, assigned: Any = None, **kwargs: Any) -> None:
         gh.on_assigned(input_partitions(assigned))
@@ -345,15 +355,23 @@ def attach(app: Any, runtime: Any, *, interval: float = 5.0) -> GroupHealth:
             gh.last_rejoin = gh.clock()
             gh.rejoins += 1
             try:
-                if gh.verdict.reason == NO_SYNC:
-                    stale = await heal_stale_leader(hosts, s.app_id, s.input_topic)
-                    if stale:
-                        gh.healed += 1
-                        log.error("the broker's group coordinator named departed member %s as the leader of "
-                                  "group %r: cleared it (a Tansu defect, docs/resilience.md)", stale, s.app_id)
-                await rejoin(app)
+                stale = await stale_leader(hosts, s.app_id, s.input_topic) if gh.verdict.reason == NO_SYNC else None
+                if stale:
+                    gh.healed += 1
+                    log.error("the broker names departed member %s as the leader of group %r (a Tansu defect, "
+                              "docs/resilience.md): joining under that id to lead the group", stale, s.app_id)
+                await rejoin(app, as_member=stale)
             except Exception as exc:
                 log.error("could not leave and rejoin the consumer group: %s: %s", type(exc).__name__, exc)
 
-    app.timer(interval=interval, name="lstream-group-health")(check)
+    async def watch() -> None:
+        while not getattr(runtime, "stopping", False):
+            await asyncio.sleep(interval)
+            try:
+                await check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the watch die
+                log.error("consumer group check failed: %s: %s", type(exc).__name__, exc)
+
     return gh
