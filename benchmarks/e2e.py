@@ -7,7 +7,9 @@ embedded Tansu broker and a throwaway redis-server it measures, one after the ot
 - ``naive``: a small Faust app doing per event what a first design would: JSON decode,
   Redis GET of the stream's state, one torch LSTM step, Redis SET, one ``send``;
 - ``lstream``: the real worker (``lstream worker``) on single-event messages;
-- ``lstream-batch`` (and ``noop-batch``): the same on gateway batches of 100 readings.
+- ``lstream-batch`` (and ``noop-batch``): the same on gateway batches of 100 readings;
+- ``bulk`` and ``bulk-batch``: the real worker with ``batching=bulk`` (worker/bulk.py: records
+  taken from Faust's consumer a fetch at a time instead of one by one through an agent).
 
 Every worker runs as a subprocess, so its CPU time can be read from ``/proc``. For each case
 the input topic is filled first (``--events``), then the worker starts and drains it:
@@ -369,7 +371,7 @@ class Config:
     latency_rate: float = 2_000.0  # readings/s, at most
     partitions: int = 8
     timeout: float = 180.0  # per case
-    cases: tuple[str, ...] = ("noop", "naive", "lstream", "noop-batch", "lstream-batch")
+    cases: tuple[str, ...] = ("noop", "naive", "lstream", "bulk", "noop-batch", "lstream-batch", "bulk-batch")
     fetch_wait_ms: int | None = None  # for the noop/naive Faust apps; None keeps Faust's 1500
 
 
@@ -516,6 +518,10 @@ class Bench:
             "LSTREAM_SESSION_TIMEOUT": "10", "LSTREAM_PARTITIONS": str(self.cfg.partitions),
             "LSTREAM_LOG_LEVEL": "warning", "LSTREAM_MODEL": self.model,
         })
+        if kind == "bulk":
+            env["LSTREAM_BATCHING"] = "bulk"
+        elif kind == "lstream":
+            env["LSTREAM_BATCHING"] = "smart"
         return [sys.executable, "-m", "lstream.cli", "worker"], env
 
     async def run_case(self, case: str) -> Result:
@@ -567,7 +573,7 @@ class Bench:
             result.uncontended = n / (last - first - waited) if last - first - waited > 0 else float("nan")
             result.extra.update(window_s=round(last - first, 3), window_readings=n, worker_cpu_s=round(cpu, 3),
                                 runq_wait_s=round(waited, 3), load_avg=os.getloadavg()[0])
-            if kind == "lstream":
+            if kind in ("lstream", "bulk"):
                 result.extra.update(await asyncio.to_thread(worker_stats, self.web_port))
             if kind != "noop":
                 await self._latency(result, feed, input_topic, reader, batched, gateways)
@@ -669,13 +675,17 @@ def table(results: Sequence[Result]) -> str:
     checks = []
     if "lstream" in by and "naive" in by:
         checks.append(f"lstream / naive, single events: {ratio('lstream', 'naive')} (target >= 10x)")
-    if "lstream" in by and "noop" in by:
-        checks.append(f"lstream / no-op agent, single events: {ratio('lstream', 'noop')} (target >= 0.70x)")
-    if "lstream-batch" in by:
-        r = by["lstream-batch"]
-        checks.append(f"lstream gateway batches of {GATEWAY_BATCH}: {r.rate:,.0f} readings/s wall, "
-                      f"{r.uncontended:,.0f} uncontended, {1e6 / r.cpu_us:,.0f} per CPU second "
-                      f"(target >= 50,000 per worker process)")
+    for case in ("lstream", "bulk"):
+        if case in by and "noop" in by:
+            checks.append(f"{case} / no-op agent, single events: {ratio(case, 'noop')} (target >= 0.9x)")
+    if "bulk" in by and "lstream" in by:
+        checks.append(f"bulk / lstream (batching=bulk vs smart), single events: {ratio('bulk', 'lstream')}")
+    for case in ("lstream-batch", "bulk-batch"):
+        if case in by:
+            r = by[case]
+            checks.append(f"{case}: gateway batches of {GATEWAY_BATCH}: {r.rate:,.0f} readings/s wall, "
+                          f"{r.uncontended:,.0f} uncontended, {1e6 / r.cpu_us:,.0f} per CPU second "
+                          f"(target >= 100,000 per worker process)")
     for r in results:
         if "messages_per_batch" in r.extra:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in r.extra.get("stage_seconds", {}).items())

@@ -437,6 +437,10 @@ def create_app(settings: Settings, model: Any = None) -> Any:
     runtime = Runtime(s, model)
     quiet_client_logs()
     Transport = transport_for(s.fetch_wait)
+    if s.batching == "bulk":  # fetches go to the pipeline whole; the agent below then gets nothing (worker/bulk.py)
+        from worker.bulk import bulk_transport
+
+        Transport = bulk_transport(Transport)
 
     class LstreamApp(faust.App):
         def _new_transport(self) -> Any:

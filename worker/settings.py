@@ -51,7 +51,8 @@ class Settings:
     batch_size: int = 512
     batch_wait: float = 0.0  # seconds a micro-batch lingers for more events (0: a batch is what arrived
     # while the previous one was computed; docs/operations-latency.md)
-    batching: str = "smart"  # smart: a batch is what arrived meanwhile; take: Faust's stream.take (before)
+    batching: str = "smart"  # smart: a batch is what arrived meanwhile; take: Faust's stream.take (before);
+    # bulk: as smart, records go to the pipeline a fetch at a time, not via Faust's agent (worker/bulk.py)
     fetch_wait: float = 0.01  # seconds the broker may hold an empty fetch (Faust hard-codes 1.5)
     redis_timeout: float = 2.0  # seconds one Redis round trip may take before it counts as an outage
     broker_timeout: float = 10.0  # seconds one delivery of outputs may take before it counts as an outage
@@ -123,8 +124,8 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"model policy: expected 'reset' or 'refuse', got {s.model_policy!r}")
     if s.offset_regression not in ("skip", "apply"):
         raise SettingsError(f"offset regression: expected 'skip' or 'apply', got {s.offset_regression!r}")
-    if s.batching not in ("smart", "take"):
-        raise SettingsError(f"batching: expected 'smart' or 'take', got {s.batching!r}")
+    if s.batching not in ("smart", "take", "bulk"):
+        raise SettingsError(f"batching: expected 'smart' or 'take' (or 'bulk'), got {s.batching!r}")
     if s.batch_size < 1:
         raise SettingsError(f"batch size: expected at least 1, got {s.batch_size}")
     if s.batch_wait < 0 or s.session_timeout <= 0 or s.state_ttl < 0:
