@@ -42,6 +42,12 @@ HELP = {
     "threshold": "anomaly score threshold (default: the model's)",
     "calm_steps": "steps under the threshold that end an episode (default: the model's)",
     "max_message_bytes": "larger input messages are dead-lettered as too_large",
+    "max_record_bytes": "bytes a dead letter may take, key and value (cut to fit; Kafka's default limit is ~1 MB)",
+    "max_value": "largest absolute reading accepted (tighter under global normalisation); larger: bad_values",
+    "max_ts_skew": "seconds an event time may lie past the worker's clock (before 1970: always bad_ts)",
+    "offset_regression": "one of skip, apply: events behind their stream's stored position yet newer "
+                         "(a recreated topic) are skipped (counted, logged) or applied as a fresh history",
+    "state_cache_entries": "stream states held in memory, least recently used evicted (0: none)",
     "log_level": "one of debug, info, warning, error (Faust's own start-up lines only with debug)",
     "data_dir": "Faust's local data directory (default: a temporary one)",
 }

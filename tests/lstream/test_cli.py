@@ -84,3 +84,14 @@ def test_library_noise_drops_faust_info_keeps_warnings_and_ours() -> None:
     assert noise.filter(rec(logging.WARNING, in_mode))
     assert noise.filter(rec(logging.INFO, str(ROOT / "worker" / "app.py")))
     assert any(d.rstrip("/").endswith("faust") for d in noise.dirs)
+
+
+def test_every_worker_flag_has_a_help_text() -> None:
+    from dataclasses import fields
+
+    from worker.settings import Settings
+
+    module = __import__(COMMANDS["worker"][0], fromlist=["build_parser"])
+    actions = {a.dest: a for a in adopt(module.build_parser("lstream worker"))._actions}
+    bare = [f.name for f in fields(Settings) if (actions[f.name].help or "").split(" (")[0].strip() == f.name]
+    assert not bare, f"worker flags without a help text: {bare}"
