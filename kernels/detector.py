@@ -8,8 +8,8 @@ one reading (every memory is a sliding window or a clipped average):
   (RMS over features), smoothed over ``smooth`` steps: ``s_t = s + (e_t - s) / smooth``. Its
   *record* ``R`` is the largest smoothed error of the last ``BLOCKS * block`` steps (the
   maxima of ``BLOCKS`` blocks of ``block`` steps: a sliding window in constant space; it
-  restarts halfway through the warm-up, forgetting the errors made while the stream's
-  normalisation settled), and
+  restarts halfway through the warm-up, with the smoothed error, forgetting the errors made
+  while the stream's normalisation settled), and
   ``g = s_t / R``. A nonparametric tail test, like Telemanom's dynamic thresholds on
   smoothed errors: forecast errors are heavy-tailed, and a Gaussian tail probability on them
   (Numenta's anomaly likelihood) did much worse.
@@ -28,8 +28,9 @@ one reading (every memory is a sliding window or a clipped average):
   showed before (so streams that often repeat a value, like small counts, need a much
   longer run).
 
-Robustness: the changes that feed the typical step and the drift are clipped to
-``CAP`` typical steps (a change larger than that is itself an anomaly and must not set the
+Robustness: a forecast error is clipped to ``CAP`` times its record (or the smoothed
+error, if larger) before it is smoothed; the changes that feed the typical step and the
+drift are clipped to ``CAP`` typical steps (a change larger than that is itself an anomaly and must not set the
 scale; the scale can still grow by ``(CAP - 1) / span`` per step, so a real change of regime
 is learnt within tens of readings); the seen range forgets a reading after at most
 ``memory * (1 + 1 / BLOCKS)`` readings, the error record after ``BLOCKS * block``; every
@@ -60,7 +61,7 @@ run of repeats) and ``flat_max`` (the longest earlier run). A layout of another 
 (an older detector) is detected by the state store and restarted, never misread.
 
 >>> import numpy as np
->>> p = params({"warmup": 20, "block": 4})
+>>> p = params({"warmup": 20, "block": 4, "smooth": 3})
 >>> st = np.zeros((1, state_size(1)))
 >>> out = np.zeros(1)
 >>> rng = np.random.default_rng(0)
@@ -124,9 +125,9 @@ _REASON = FIELDS.index("reason")
 # threshold (the refractory period starts at a score at or over it). docs/detector.md gives
 # each setting's reason.
 DEFAULTS: dict[str, float] = {
-    "threshold": 0.553,  # NAB's optimum, in-sample choice of `lstream nab --cv` (0.5529; 0.5513 retrained)
+    "threshold": 0.549,  # NAB's optimum at smooth 10, in-sample choice of `lstream nab --cv` (0.5488)
     "calm_steps": 20,
-    "smooth": 3.0,  # steps the error is averaged over
+    "smooth": 10.0,  # steps the error is averaged over: an adaptive forecaster's misses come in bursts of 1-3
     "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
     "warmup": 150.0,  # errors seen before anything is scored
     "memory": 8192.0,  # readings the seen range remembers (about four weeks of 5-minute readings; chosen by CV)
@@ -331,8 +332,14 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
             acc += e * e
         e = np.sqrt(acc / f)
         count += 1.0
-        s1 = e if count == 1.0 else st[4] + (e - st[4]) / min(count, smooth)
         rec = _record(st, 4)
+        if count > 1.0:
+            # An error beyond CAP times the record (or the smoothed error) is anomalous at any
+            # size: clipped, it still scores, and its size cannot hold the smoothed error up.
+            top = CAP * max(rec, st[4])
+            if top > 0.0:
+                e = min(e, top)
+        s1 = e if count == 1.0 else st[4] + (e - st[4]) / min(count, smooth)
         raw = 0.0
         reason = 0.0
         if count > warmup:
@@ -360,7 +367,9 @@ def update(state: np.ndarray, err: np.ndarray, x: np.ndarray, valid: np.ndarray,
         st[_REASON + 5] = float(stuck_j if stuck else brk_j)
         if count == np.floor(0.5 * warmup):
             # Halfway through the warm-up the record restarts: the errors made while the
-            # stream's normalisation settled (often huge) must not mask the first anomalies.
+            # stream's normalisation settled (often huge) must not mask the first anomalies;
+            # the smoothed error restarts too (over 10 steps it would carry them for ~50 more).
+            s1 = e
             for k in range(BLOCKS + 1):
                 st[5 + k] = 0.0
             st[2] = 0.0
