@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lstream.cli import CliError, Parser, description
 
-BENCHES = ("kernels", "state", "e2e", "scale", "latency", "river_peers")
+BENCHES = ("kernels", "state", "e2e", "scale", "latency", "river_peers", "scaleout")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
