@@ -4,9 +4,10 @@ Semantics are ``torch.nn.LSTM`` (gate order i, f, g, o; bias = bias_ih + bias_hh
 the head's linear layers (activation relu, tanh or none). Layout, chosen once at load:
 
 - layer l: ``W[l]`` float32 (K, 4H), K = fan_in + H, rows = [input features..., hidden...],
-  i.e. ``[W_ih | W_hh].T``; ``gates = [x, h] @ W[l] + b[l]`` (i, f, o columns pre-halved). The same array feeds both paths:
-  the per-stream loop walks its rows (contiguous 4H-wide axpy, vectorises without reassociation)
-  and the batch path hands it to BLAS as the right operand.
+  i.e. ``[W_ih | W_hh].T``; ``gates = [x, h] @ W[l] + b[l]`` (i, f, o columns pre-halved).
+  The same array feeds both paths: the per-stream loop walks its rows (contiguous 4H-wide
+  axpy, vectorises without reassociation) and the batch path hands it to BLAS as the right
+  operand.
 - head layer m: weight transposed to (in, out), so again ``y = z @ Wt + b``.
 
 Two paths:
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numba import njit
@@ -55,13 +57,15 @@ ACT_CODES = {None: ACT_NONE, "none": ACT_NONE, "relu": ACT_RELU, "tanh": ACT_TAN
 
 # "contract" lets LLVM fuse multiply-adds (FMA): more accurate, not less. No nnan/ninf: NaN in
 # the input must come out as NaN, not be clamped into a number.
-_JIT = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+_JIT: dict[str, Any] = dict(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
 
 _F = np.float32
 _CLAMP = _F(7.90531110763549805)
-_A1, _A3, _A5, _A7 = _F(4.89352455891786e-03), _F(6.37261928875436e-04), _F(1.48572235717979e-05), _F(5.12229709037114e-08)
+_A1, _A3 = _F(4.89352455891786e-03), _F(6.37261928875436e-04)
+_A5, _A7 = _F(1.48572235717979e-05), _F(5.12229709037114e-08)
 _A9, _A11, _A13 = _F(-8.60467152213735e-11), _F(2.00018790482477e-13), _F(-2.76076847742355e-16)
-_B0, _B2, _B4, _B6 = _F(4.89352518554385e-03), _F(2.26843463243900e-03), _F(1.18534705686654e-04), _F(1.19825839466702e-06)
+_B0, _B2 = _F(4.89352518554385e-03), _F(2.26843463243900e-03)
+_B4, _B6 = _F(1.18534705686654e-04), _F(1.19825839466702e-06)
 _HALF = _F(0.5)
 _ZERO = _F(0.0)
 
@@ -304,7 +308,8 @@ class Packed:
     """Weights in kernel layout (see the module docstring). Built once by :func:`pack`.
 
     ``params`` holds everything in one flat float32 array: per layer W (K, 4H), then the summed
-    biases (L, 4H) (the i, f, o gates' columns of both halved, see :func:`pack`), then per head layer Wt (in, out) and b (out,). ``meta`` (int64) says where:
+    biases (L, 4H) (the i, f, o gates' columns of both halved, see :func:`pack`), then per head
+    layer Wt (in, out) and b (out,). ``meta`` (int64) says where:
     [input_size, hidden_size, num_layers, head layers, bias offset, W offset per layer...,
     then per head layer: in, out, activation code, weight offset, bias offset].
     The other fields are views into ``params`` for the batch path."""
@@ -404,8 +409,8 @@ def pack(lstm: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
     params = np.concatenate(parts)
     meta = np.array([n_in, hid, n_layers, len(head), off_b, *w_offsets,
                      *[v for row in head_meta for v in row]], dtype=np.int64)
-    layers = [params[o:o + ((n_in if l == 0 else hid) + hid) * 4 * hid].reshape(-1, 4 * hid)
-              for l, o in enumerate(w_offsets)]
+    layers = [params[o:o + ((n_in if li == 0 else hid) + hid) * 4 * hid].reshape(-1, 4 * hid)
+              for li, o in enumerate(w_offsets)]
     return Packed(input_size=n_in, hidden_size=hid, num_layers=n_layers, output_size=head_meta[-1][1],
                   params=params, meta=meta, layers=layers,
                   b=params[off_b:off_b + n_layers * 4 * hid].reshape(n_layers, 4 * hid),
