@@ -155,10 +155,20 @@ class BulkFeed:
             await runtime.pipeline.submit(msgs, ack)
 
 
+# What drain_in_bulk and acknowledge use of faust.transport.consumer.Consumer (faust-streaming 0.11-0.15).
+FAUST_INTERNALS = ("_wait_next_records", "_read_offset", "_add_gap", "_commit_every", "_n_acked", "_acked",
+                   "_acked_index", "_committed_offset", "_unacked_messages", "_waiting_for_ack",
+                   "_buffered_partitions", "perform_seek", "flow_active", "suspend_flow", "commit", "wait_first")
+
+
 async def drain_in_bulk(self: Any, fetcher: Any) -> None:
     """``Consumer._drain_messages`` for :func:`bulk_transport`: Faust's fetch loop (the same
     checks: stop flags, flow control, generation changes, paused partitions, read offsets,
     offset gaps, commit every N acks), with each fetch handed over per partition in one call."""
+    missing = [name for name in FAUST_INTERNALS if not hasattr(self, name)]
+    if missing:  # another faust-streaming release: fail loudly rather than commit wrongly
+        raise RuntimeError(f"batching=bulk needs Faust consumer internals this faust-streaming lacks: {missing}; "
+                           "use batching=smart")
     runtime = self.app.lstream
     s = runtime.settings
     feed = BulkFeed(runtime, self, s.batch_size, s.batch_wait)
