@@ -149,7 +149,7 @@ class Scale:
             "LSTREAM_LOG_LEVEL": "warning", "LSTREAM_MODEL": self.model,
         })
         env.update(self.extra_env)
-        log = open(os.path.join(self.workdir, f"worker-{run_id}-{tag}.log"), "wb")  # noqa: SIM115
+        log = open(os.path.join(self.workdir, f"worker-{run_id}-{tag}.log"), "wb")
         proc = subprocess.Popen([sys.executable, "-m", "lstream.cli", "worker"], env=env, cwd=str(ROOT),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
