@@ -14,8 +14,10 @@ one after the other in the same run:
 
 readings/s: readings divided by the time from the start of the production to the last
 prediction's record timestamp (the join is outside the window). CPU us/reading: the workers'
-CPU time (user + system, all N) in that window per reading. The ratio row compares each N with
-one process of the same feed: the target is >= 1.6x for 2 processes on 2 cores. The broker,
+CPU time (user + system, all N) in that window per reading; ``CPU %``: the workers' CPU
+seconds per second of the window (200 % = two cores); ``wait %``: their main threads' time
+waiting for a CPU (mean over the N), how much the rest of the machine took. ``vs 1`` compares
+each N with one process of the same feed: the target is >= 1.6x for 2 processes on 2 cores. The broker,
 Redis and this benchmark share the same cores, so N processes on C cores cannot reach N x;
 ``load`` is the 1-minute load average at the end of each case (other work on the machine).
 """
@@ -62,6 +64,8 @@ class Result:
     readings: int = 0
     rate: float = float("nan")
     cpu_us: float = float("nan")
+    cpu_share: float = float("nan")  # the workers' CPU seconds per second of the window (all N)
+    wait_share: float = float("nan")  # their main threads' run-queue wait per second, mean over the N
     join_s: float = float("nan")
     load: float = float("nan")
     note: str = ""
@@ -165,6 +169,8 @@ class ScaleOut:
             result.rate = readings / (last - start)
             cpu = sum(s.at(last) - s.at(start) for s in samplers)
             result.cpu_us = cpu / readings * 1e6
+            result.cpu_share = cpu / (last - start)
+            result.wait_share = sum(s.at(last, 2) - s.at(start, 2) for s in samplers) / n / (last - start)
             result.extra["worker_cpu_s"] = round(cpu, 2)
         except Exception as exc:  # one failed case must not hide the others
             result.note = f"failed: {exc}"
@@ -187,7 +193,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def table(results: Sequence[Result]) -> str:
     head = f"{'feed':<8} {'processes':>9} {'readings':>9} {'readings/s':>11} {'CPU us/rd':>9} {'vs 1':>6} " \
-           f"{'join s':>6} {'load':>5}  note"
+           f"{'CPU %':>6} {'wait %':>6} {'join s':>6} {'load':>5}  note"
     lines = [head, "-" * len(head)]
     one = {r.feed: r.rate for r in results if r.processes == 1}
 
@@ -197,7 +203,8 @@ def table(results: Sequence[Result]) -> str:
     for r in results:
         ratio = r.rate / one[r.feed] if r.feed in one else float("nan")
         lines.append(f"{r.feed:<8} {r.processes:>9} {r.readings:>9} {num(r.rate, ',.0f'):>11} "
-                     f"{num(r.cpu_us, ',.1f'):>9} {num(ratio, '.2f'):>6} {num(r.join_s, '.1f'):>6} "
+                     f"{num(r.cpu_us, ',.1f'):>9} {num(ratio, '.2f'):>6} {num(100 * r.cpu_share, '.0f'):>6} "
+                     f"{num(100 * r.wait_share, '.0f'):>6} {num(r.join_s, '.1f'):>6} "
                      f"{num(r.load, '.1f'):>5}  {r.note}")
     lines.append("")
     lines.append(f"target: 2 processes >= 1.6x one ({os.cpu_count()} CPUs here, shared with the broker, Redis "
