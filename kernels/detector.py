@@ -125,7 +125,7 @@ _REASON = FIELDS.index("reason")
 # threshold (the refractory period starts at a score at or over it). docs/detector.md gives
 # each setting's reason.
 DEFAULTS: dict[str, float] = {
-    "threshold": 0.549,  # NAB's optimum at smooth 10, in-sample choice of `lstream nab --cv` (0.5488)
+    "threshold": 0.548,  # NAB's optimum at smooth 10 (in-sample choice of `lstream nab --cv`: 0.5488), rounded down
     "calm_steps": 20,
     "smooth": 10.0,  # steps the error is averaged over: an adaptive forecaster's misses come in bursts of 1-3
     "block": 50.0,  # steps per block: the error record spans BLOCKS * block = 400 steps
