@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.fuzz import WorkerProc, _load, produce_positions, topics_for  # noqa: E402
+from benchmarks.fuzz import WorkerProc, _load, produce_positions, stats_differences, topics_for  # noqa: E402
 
 PARTITIONS = 4
 WORKER_ARGS = ("--batch-size", "20", "--batch-wait", "0.01")
@@ -285,6 +285,10 @@ def check(r: ChaosRun, model_dir: str) -> tuple[dict[str, list[str]], dict[str, 
         bit_equal += d == 0.0
         if d > 2e-5:
             fails["state"].append(f"{sid}: (h, c, pred) differ from the offline replay by {d:.3g}")
+        if not np.array_equal(st.norm[i], fin.norm[0]) and not np.allclose(st.norm[i], fin.norm[0], rtol=1e-12):
+            fails["state"].append(f"{sid}: stored norm differs from the offline replay")
+        for x in stats_differences(st, i, fin):
+            fails["state"].append(f"{sid}: {x}")
     seen: dict[tuple[str, int], tuple[float, list[float]]] = {}
     repeats = 0
     for rec in r.preds:
@@ -316,7 +320,7 @@ def check(r: ChaosRun, model_dir: str) -> tuple[dict[str, list[str]], dict[str, 
                "repeated_predictions": repeats, "replayed_skipped": r.replayed_skipped,
                "bit_equal_states": bit_equal, "max_state_diff": max_diff,
                "converged_s": r.converged_s, "elapsed_s": round(r.elapsed_s, 1)}
-    return dict(fails), figures
+    return {k: v for k, v in fails.items() if v}, figures
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -673,7 +673,23 @@ def check_good_streams(r: FuzzRun, model_dir: str) -> list[str]:
             if not ok:
                 bad.append(f"{sid}: stored {name} differs from the offline replay by "
                            f"{np.abs(np.asarray(got_a, float) - np.asarray(want_a, float)).max():.3g}")
+        bad.extend(f"{sid}: {d}" for d in stats_differences(st, i, fin))
     return bad
+
+
+def stats_differences(st: Any, i: int, fin: Any) -> list[str]:
+    """Detector statistics, episode and per-stream adaptation against the replay's (the bounds
+    tests/worker/test_worker_e2e.py uses: they are built from float32 forecast errors)."""
+    out = []
+    pairs = [("anomaly", st.anomaly[i], fin.anomaly[0])]
+    if hasattr(st, "adapt") and hasattr(fin, "adapt"):
+        pairs.append(("adapt", st.adapt[i], fin.adapt[0]))  # NaN: "no forecast yet"
+    for name, got_a, want_a in pairs:
+        if not np.allclose(got_a, want_a, rtol=1e-4, atol=1e-6, equal_nan=True):
+            out.append(f"stored {name} differs from the offline replay")
+    if st.episode[i] != fin.episode[0]:
+        out.append(f"stored episode {st.episode[i]} != replay's {fin.episode[0]}")
+    return out
 
 
 def check_edge(r: FuzzRun) -> tuple[list[str], int, int]:
