@@ -437,10 +437,9 @@ class Pipeline:
     async def _rewind(self, ids: list[str]) -> None:
         """Drop the stored positions of ``ids`` (offset regression, policy apply) so that the
         save at the topic's new, lower offsets applies."""
-        drop = getattr(self.store, "delete", None) or self.store.reset
         for sid in ids:
             def op(sid: str = sid) -> Awaitable[Any]:
-                return drop(sid)
+                return self.store.reset(sid)
 
             await self.redis.run(op)
         log.warning("offset regression: %d stream(s) start a fresh position history (offset_regression=apply)",
