@@ -46,6 +46,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from worker.events import CODES as DEAD_LETTER_CODES
+
 log = logging.getLogger("lstream.worker")
 
 CONTENT_TYPE = "text/plain; version=0.0.4"  # prometheus_client.CONTENT_TYPE_LATEST without the charset
@@ -253,8 +255,7 @@ class WorkerMetrics:
             self.rebalances.metric.labels(event=event)
         for stage in ("decode", "load", "kernel", "emit", "save", "total"):
             self.stage.metric.labels(stage=stage)
-        for code in ("bad_json", "bad_schema", "bad_stream_id", "key_mismatch", "bad_values", "bad_ts", "too_large",
-                     "duplicate", "late", "model_mismatch", "bad_state", "failed"):
+        for code in DEAD_LETTER_CODES:
             self.rejected.metric.labels(code=code)
 
     def set_model(self, model: Any) -> None:
