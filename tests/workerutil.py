@@ -55,7 +55,8 @@ def spike_series(n_steps: int, at: int, seed: int = 0) -> np.ndarray:
     return vals[:, None]
 
 
-def series_data(n_streams: int, n_steps: int, seed: int = 0, features: int = 1) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def series_data(n_streams: int, n_steps: int, seed: int = 0,
+                features: int = 1) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(stream_id, ts (T,), values (T, F)) per stream: seasonal, noisy, different scales."""
     rng = np.random.default_rng(seed)
     out = []
