@@ -242,7 +242,7 @@ async def _case(case: str, extra: list[str], broker: str, redis_url: str, opts: 
     cmd = _worker_cmd(broker, redis_url, port, topics, f"lat-{case}-{uid}",
                       [*extra, *(["--model", opts.model] if opts.model else [])])
     # Started once, before anything is timed: a blocking Popen is fine here.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     res = Result(case)
     try:
         await asyncio.to_thread(_wait_ready, port, proc, 120.0)
@@ -330,7 +330,7 @@ async def _main(opts: argparse.Namespace) -> list[Result]:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="lstream-latency-") as workdir:
         broker = opts.broker or stack.enter_context(start_broker()).url
         redis_url = opts.redis_url or stack.enter_context(start_redis()).url
-        log = open(Path(workdir) / "workers.log", "ab")  # noqa: ASYNC230
+        log = open(Path(workdir) / "workers.log", "ab")
         results = []
         for case in opts.cases.split(","):
             print(f"-- {case}: {opts.rate:.0f} events/s for {opts.seconds:.0f} s over {opts.streams} streams "
