@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import csv
-import json
-from datetime import UTC, datetime, timedelta
-
 import numpy as np
 import pytest
 
 from evaluation import cv, nab, nab_score
 from lstream.cli import main
 from series.csvdata import parse_time
-from tests.evaluation.test_nab import PROFILES, tiny_model
-
-ROWS = 400
-T0 = datetime(2014, 4, 1, tzinfo=UTC)
-
-
-def stamp(i: int) -> str:
-    return (T0 + timedelta(minutes=5 * i)).strftime("%Y-%m-%d %H:%M:%S")
+from tests.evaluation.test_nab import PROFILES, ROWS, stamp, tiny_model, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +27,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     series["realC/bump.csv"][320:330] += 3.0
     windows = {"artificialA/spiky.csv": [(290, 320)], "artificialB/quiet.csv": [],
                "realB/noise.csv": [(240, 270)], "realC/bump.csv": [(310, 340)]}
-    for name, values in series.items():
-        path = root / "data" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["timestamp", "value"])
-            w.writerows([stamp(i), f"{v:.6f}"] for i, v in enumerate(values))
-    (root / "windows.json").write_text(json.dumps(
-        {k: [[stamp(a) + ".000000", stamp(b) + ".000000"] for a, b in v] for k, v in windows.items()}))
-    (root / "profiles.json").write_text(json.dumps(PROFILES))
+    write_corpus(root, series, windows)
     return {"data": str(root / "data"), "windows": str(root / "windows.json"),
             "model": tiny_model(str(root / "model"))}
 

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,21 @@ T0 = datetime(2014, 4, 1, tzinfo=UTC)
 
 def stamp(i: int) -> str:
     return (T0 + timedelta(minutes=5 * i)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def write_corpus(root: Path, series: dict[str, np.ndarray], windows: dict[str, list[tuple[int, int]]]) -> None:
+    """A NAB-layout corpus under ``root``: data/<category>/<file>.csv (row i at ``stamp(i)``),
+    windows.json (each window given as a pair of row numbers) and profiles.json."""
+    for name, values in series.items():
+        path = root / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["timestamp", "value"])
+            w.writerows([stamp(i), f"{v:.6f}"] for i, v in enumerate(values))
+    (root / "windows.json").write_text(json.dumps(
+        {k: [[stamp(a) + ".000000", stamp(b) + ".000000"] for a, b in v] for k, v in windows.items()}))
+    (root / "profiles.json").write_text(json.dumps(PROFILES))
 
 
 def tiny_model(path: str) -> str:
@@ -53,17 +69,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "realB/flat_noise.csv": np.round(100 + rng.normal(size=24), 6)[t % 24],
     }
     series["artificialA/spiky.csv"][300] += 40.0  # the labelled anomaly
-    for name, values in series.items():
-        path = root / "data" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["timestamp", "value"])
-            w.writerows([stamp(i), f"{v:.6f}"] for i, v in enumerate(values))
-    windows = {"artificialA/spiky.csv": [[stamp(290) + ".000000", stamp(320) + ".000000"]],
-               "realB/flat_noise.csv": []}
-    (root / "windows.json").write_text(json.dumps(windows))
-    (root / "profiles.json").write_text(json.dumps(PROFILES))
+    write_corpus(root, series, {"artificialA/spiky.csv": [(290, 320)], "realB/flat_noise.csv": []})
     return {"root": str(root), "data": str(root / "data"), "windows": str(root / "windows.json"),
             "model": tiny_model(str(root / "model")), "out": str(root / "results")}
 
