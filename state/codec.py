@@ -66,11 +66,6 @@ def stream_id_of(key: str | bytes) -> str:
     return text[start + 1:end]
 
 
-def encode_float(x: float) -> bytes:
-    """Shortest decimal text that reads back as the same float64 (``repr``)."""
-    return repr(float(x)).encode()
-
-
 def layout_tag(names: tuple[str, ...]) -> str:
     """The ``layout`` field: version tags of the non-contract fields among ``names``.
 
