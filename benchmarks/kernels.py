@@ -87,11 +87,6 @@ def best_times(fns: list[Callable[[], object]], min_time: float, rounds: int = 7
     return best
 
 
-def best_time(fn: Callable[[], object], min_time: float, rounds: int = 7) -> float:
-    """Seconds per call of ``fn``, the fastest of ``rounds`` rounds."""
-    return best_times([fn], min_time, rounds)[0]
-
-
 def matmul_caller(k: int, g4: int) -> Callable[[], object]:
     """One (256 x k) @ (k x g4) float32 matmul into a preallocated output."""
     rng = np.random.default_rng(0)
