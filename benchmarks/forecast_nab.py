@@ -6,7 +6,7 @@ first 15 % of the file: ``MASE = MAE(forecast) / MAE(persistence)`` over the sam
 (< 1: better than repeating the last reading). Constant files (art_flatline) are left out.
 Prints per-file MASE, the median, the share of files below 1 and the worst file.
 
-    python benchmarks/forecast_nab.py [--model models/default] [--no-adapt] [--json out.json]
+    python benchmarks/forecast_nab.py [--model models/default] [--adapt model|on|off] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from kernels import load_model  # noqa: E402
 from kernels.engine import Engine  # noqa: E402
 from series.csvdata import read_csv  # noqa: E402
 
-NAB = "/work/shared/nab/data"
+# The NAB development half beside the checkout (the same place `lstream nab` looks); --data overrides it.
+NAB = os.path.join(os.path.dirname(ROOT), "shared", "nab", "data")
 
 
 def mase(values: np.ndarray, forecast: np.ndarray, start: int) -> tuple[float, float]:
