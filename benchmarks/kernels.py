@@ -14,7 +14,6 @@ disturbed figure. This is a report, not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import tempfile
@@ -28,37 +27,13 @@ QUICK_SIZES = [(8, 64, 2)]
 N_BIG = 256
 
 
-def _openblas(func: str) -> Callable[..., int] | None:
-    """numpy's bundled OpenBLAS function ``openblas_<func>`` (any of its symbol spellings)."""
-    names = (f"scipy_openblas_{func}64_", f"scipy_openblas_{func}", f"openblas_{func}64_", f"openblas_{func}")
-    try:
-        with open("/proc/self/maps", encoding="utf-8") as fh:
-            libs = sorted({line.split()[-1] for line in fh if "openblas" in line.lower() and ".so" in line})
-    except OSError:
-        libs = []
-    for path in libs:
-        lib = ctypes.CDLL(path)
-        for name in names:
-            if hasattr(lib, name):
-                return getattr(lib, name)
-    return None
-
-
 def limit_blas_threads(n: int = 1) -> tuple[str, Callable[[], None]]:
-    """Make numpy's BLAS use ``n`` threads; return how, and a function that undoes it."""
-    try:
-        from threadpoolctl import threadpool_limits
+    """Make numpy's BLAS use ``n`` threads (threadpoolctl, a dependency of lstream); return how,
+    and a function that undoes it."""
+    from threadpoolctl import threadpool_limits
 
-        limiter = threadpool_limits(n, user_api="blas")
-        return f"threadpoolctl: blas threads = {n}", limiter.restore_original_limits
-    except ImportError:
-        pass
-    get, put = _openblas("get_num_threads"), _openblas("set_num_threads")
-    if get is None or put is None:
-        return "could not limit BLAS threads (set OPENBLAS_NUM_THREADS=1 before starting)", lambda: None
-    before = int(get())
-    put(ctypes.c_int(n))
-    return f"openblas_set_num_threads({n})", lambda: put(ctypes.c_int(before))
+    limiter = threadpool_limits(n, user_api="blas")
+    return f"threadpoolctl: blas threads = {n}", limiter.restore_original_limits
 
 
 # CPU time of this process, not wall time: on the shared 2-core box other jobs preempt us often,
