@@ -7,7 +7,10 @@ streams with the default threads against 0.9 us with one. Environment variables
 (``OPENBLAS_NUM_THREADS``) cannot do it once numpy is loaded, so the worker, ``replay`` and
 ``nab`` call :func:`limit_blas_threads` when they start.
 
->>> limit_blas_threads(1) in (True, False)
+>>> from threadpoolctl import threadpool_info
+>>> limit_blas_threads(1) == any(lib["user_api"] == "blas" for lib in threadpool_info())
+True
+>>> all(lib["num_threads"] == 1 for lib in threadpool_info() if lib["user_api"] == "blas")
 True
 """
 
