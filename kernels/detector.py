@@ -100,9 +100,9 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from kernels.states import DETECTOR_FIXED, DETECTOR_PER_FEATURE
+from kernels.states import DETECTOR_BLOCKS, DETECTOR_FIELDS, detector_field_names
 
-BLOCKS = 8  # blocks in each sliding window (error record, seen range): fixed, part of the state layout
+BLOCKS = DETECTOR_BLOCKS  # blocks in each sliding window (error record, seen range): fixed, part of the state layout
 CAP = 10.0  # changes beyond this many typical steps are clipped before they update the scale and drift
 BIG = 1e300  # every difference is clipped to +-BIG: finite inputs never overflow to infinity
 ERR_CAP = 1e100  # a forecast error's size is clipped here (its square stays finite)
@@ -110,15 +110,9 @@ ERR_CAP = 1e100  # a forecast error's size is clipped here (its square stays fin
 # The evidence an alert can name, indexed by the state's ``reason`` field.
 REASONS = ("none", "forecast_error", "range_breakout", "flat_line")
 
-FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
-          "err_smooth", "err_blk_max", *(f"err_ring_{k}" for k in range(BLOCKS)),
-          "breakouts", "rng_fill", "rng_pos",
-          "reason", "ev_error", "ev_record", "ev_distance", "ev_run", "ev_feature",
-          "lo_blk", "hi_blk", *(f"lo_ring_{k}" for k in range(BLOCKS)), *(f"hi_ring_{k}" for k in range(BLOCKS)),
-          "last", "jump", "drift", "flat", "flat_max")
+FIELDS = DETECTOR_FIELDS  # the vector's entry names (kernels/states.py: readable without numba)
 _FIXED = FIELDS.index("lo_blk")
 _PER = FIELDS[_FIXED:]  # per-feature fields, each F long, after the fixed part
-assert (_FIXED, len(_PER)) == (DETECTOR_FIXED, DETECTOR_PER_FEATURE), "update kernels/states.py"
 _REASON = FIELDS.index("reason")
 
 # threshold and calm_steps are read by the engine (episodes); update() reads the rest and the
@@ -152,9 +146,7 @@ def field_names(num_features: int) -> tuple[str, ...]:
     >>> field_names(2)[-6:]
     ('drift_0', 'drift_1', 'flat_0', 'flat_1', 'flat_max_0', 'flat_max_1')
     """
-    if num_features == 1:
-        return FIELDS
-    return FIELDS[:_FIXED] + tuple(f"{name}_{j}" for name in _PER for j in range(num_features))
+    return detector_field_names(num_features)
 
 
 def config(cfg: Mapping[str, Any] | None) -> dict[str, float]:

@@ -14,10 +14,33 @@ from typing import Any
 
 import numpy as np
 
-# Lengths of the detector's per-stream vector: kernels.detector checks these against its own
-# field lists at import, so the two cannot drift apart.
-DETECTOR_FIXED = 23
-DETECTOR_PER_FEATURE = 23
+# The detector's per-stream vector (kernels.detector): entry names, here and not there so that a
+# reader without numba (state.inspection, ``lstream state show``) can label it. The entries from
+# ``lo_blk`` on are per feature. DETECTOR_BLOCKS: blocks in each of its sliding windows.
+DETECTOR_BLOCKS = 8
+DETECTOR_FIELDS = ("count", "quiet", "blk_fill", "ring_pos",
+                   "err_smooth", "err_blk_max", *(f"err_ring_{k}" for k in range(DETECTOR_BLOCKS)),
+                   "breakouts", "rng_fill", "rng_pos",
+                   "reason", "ev_error", "ev_record", "ev_distance", "ev_run", "ev_feature",
+                   "lo_blk", "hi_blk", *(f"lo_ring_{k}" for k in range(DETECTOR_BLOCKS)),
+                   *(f"hi_ring_{k}" for k in range(DETECTOR_BLOCKS)),
+                   "last", "jump", "drift", "flat", "flat_max")
+DETECTOR_FIXED = DETECTOR_FIELDS.index("lo_blk")
+DETECTOR_PER_FEATURE = len(DETECTOR_FIELDS) - DETECTOR_FIXED
+
+
+def detector_field_names(num_features: int) -> tuple[str, ...]:
+    """Names of the ``anomaly`` vector's entries (``DETECTOR_FIELDS`` for one feature).
+
+    >>> detector_field_names(2)[-6:]
+    ('drift_0', 'drift_1', 'flat_0', 'flat_1', 'flat_max_0', 'flat_max_1')
+    >>> len(detector_field_names(1)), len(detector_field_names(3)) == DETECTOR_FIXED + 3 * DETECTOR_PER_FEATURE
+    (46, True)
+    """
+    if num_features == 1:
+        return DETECTOR_FIELDS
+    per = DETECTOR_FIELDS[DETECTOR_FIXED:]
+    return DETECTOR_FIELDS[:DETECTOR_FIXED] + tuple(f"{name}_{j}" for name in per for j in range(num_features))
 
 
 # Per-stream adaptation (kernels.adapt): experts mixed, regressors of the adapted readout.

@@ -45,13 +45,11 @@ def _list(a: Any) -> Any:
     return [_list(v) for v in arr] if arr.ndim > 1 else [_num(v) for v in arr.tolist()]
 
 
-def detector_fields(num_features: int) -> tuple[str, ...] | None:
-    """Names of the anomaly statistics for a model with ``num_features`` features."""
-    try:
-        from kernels.detector import field_names
-    except ImportError:
-        return None
-    return tuple(field_names(num_features))
+def detector_fields(num_features: int) -> tuple[str, ...]:
+    """Names of the anomaly statistics for a model with ``num_features`` features (no numba)."""
+    from kernels.states import detector_field_names
+
+    return detector_field_names(num_features)
 
 
 def describe(record: Mapping[str, Any], *, now: float | None = None,
