@@ -14,9 +14,16 @@ Two paths:
 
 - small n (<= ``Packed.small_n``, 1 to 16 by model size): one numba kernel does the whole
   step, stream by stream.
-- large n: per layer one float32 BLAS matmul (numpy ``matmul`` into preallocated buffers) and
-  one fused numba kernel for bias + activations + cell update, which also writes the next
-  layer's input.
+- large n (unless ``Packed.exact``): per layer one float32 BLAS matmul (numpy ``matmul``
+  into preallocated buffers) and one fused numba kernel for bias + activations + cell
+  update, which also writes the next layer's input.
+
+The two paths, and BLAS at different n (its blocking and edge kernels), sum in different
+orders, so a stream's last float32 bits depend on how many streams are stepped with it (~1e-6
+on h, c). ``Packed.exact`` (``load_model(..., exact=True)``, the worker's
+``LSTREAM_EXACT_KERNELS``) always takes the per-stream kernel: every stream then gets the same
+bits in any batch, in any position (one compiled loop body per stream, no reduction across
+streams), at ~1.9x the kernel's time at n = 256.
 
 tanh and sigmoid use a rational approximation: the clamped odd 13/6 rational of Eigen's fast
 float tanh (its coefficients), and sigmoid(x) = (1 + tanh(x/2)) / 2. It vectorises (libm's
@@ -326,6 +333,7 @@ class Packed:
     head_b: list[np.ndarray]
     head_act: list[int]
     small_n: int = 1  # up to this many streams: the per-stream kernel; more: BLAS
+    exact: bool = False  # always the per-stream kernel: a stream's numbers never depend on its batch
     x_strides: tuple[int, int] = (0, 0)  # C-contiguous strides of x and of h, c (the fast check)
     state_strides: tuple[int, int, int] = (0, 0, 0)
     _local: threading.local = field(default_factory=threading.local, repr=False)
@@ -470,7 +478,7 @@ def lstm_step(p: Packed, x: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndar
         _check_all(p, x, h, c)
         n = x.shape[0]
     y = np.empty((n, p.output_size), np.float32)
-    if n <= p.small_n:
+    if n <= p.small_n or p.exact:
         if n:
             _step_small(x, h, c, y, p.params, p.meta, p.scratch())
         return y

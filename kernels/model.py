@@ -76,11 +76,16 @@ class Model:
             self.step(np.zeros((n, self.input_size), np.float32), h, c)
 
 
-def load_model(path: str | os.PathLike[str]) -> Model:
+def load_model(path: str | os.PathLike[str], exact: bool = False) -> Model:
     """Read the artifact directory at ``path`` (see CONTRACT.md), pack its weights for the
-    kernels and warm the JIT. Raises :class:`ModelError` with a one-line reason on any problem."""
+    kernels and warm the JIT. Raises :class:`ModelError` with a one-line reason on any problem.
+
+    ``exact``: step every stream with the per-stream kernel, however many are stepped
+    together, so a stream's numbers are bit for bit the same in any batch (the BLAS path's
+    last bits depend on the batch size; docs/resilience.md, "Bit-equality")."""
     art = read_artifact(path)
     packed = pack(art.lstm, [(layer.weight, layer.bias, layer.activation) for layer in art.head])
+    packed.exact = bool(exact)
     model = Model(art.meta, packed, art.path)
     model.warm()
     return model

@@ -166,6 +166,30 @@ def test_small_and_batch_paths_agree():
         np.testing.assert_allclose(hs[0], hb[s], rtol=0, atol=2e-6)
 
 
+def test_exact_mode_takes_the_per_stream_kernel_at_any_n():
+    """``Packed.exact``: a stream's bits do not depend on its batch (size or position) and still
+    match the reference step."""
+    lstm, linears, acts = make_net(3, 16, 2, [(5, "relu"), (3, None)], seed=8)
+    layers, head = numpy_weights(lstm, linears, acts)
+    packed = pack(layers, head)
+    packed.exact = True
+    rng = np.random.default_rng(8)
+    n = packed.small_n + 40
+    x, h, c = random_state(rng, n, 2, 16, 3)
+    ry, rh, rc = reference_step(layers, head, x, h, c)
+    order = rng.permutation(n)
+    hb, cb = h[order].copy(), c[order].copy()
+    yb = lstm_step(packed, np.ascontiguousarray(x[order]), hb, cb)
+    np.testing.assert_allclose(yb, ry[order], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(hb, rh[order], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cb, rc[order], rtol=0, atol=1e-5)
+    for s in range(n):
+        hs, cs = h[s:s + 1].copy(), c[s:s + 1].copy()
+        ys = lstm_step(packed, x[s:s + 1], hs, cs)
+        k = int(np.flatnonzero(order == s)[0])
+        assert np.array_equal(ys[0], yb[k]) and np.array_equal(hs[0], hb[k]) and np.array_equal(cs[0], cb[k])
+
+
 def test_varying_batch_sizes_reuse_buffers_correctly():
     """Workspace buffers are reused across calls of different n: each call still matches."""
     lstm, linears, acts = make_net(4, 24, 3, [(4, None)], seed=11)
