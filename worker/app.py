@@ -89,7 +89,7 @@ class Runtime:
         from worker.pipeline import Outage, Topics
 
         self.settings = settings
-        self.model = model if model is not None else load_model(settings.model)
+        self.model = model if model is not None else load_model(settings.model, exact=settings.exact_kernels)
         self.engine = Engine(self.model, threshold=settings.threshold, calm_steps=settings.calm_steps)
         self.metrics = WorkerMetrics()
         self.metrics.set_model(self.model)

@@ -68,6 +68,8 @@ class Settings:
     max_ts_skew: float = 86400.0  # seconds an event time may lie past the worker's clock (earlier than 1970: bad_ts)
     offset_regression: str = "skip"  # events behind their stream's stored position yet newer: skip | apply
     state_cache_entries: int = 50_000  # stream states held in memory (least recently used evicted); 0: none
+    exact_kernels: bool = False  # always the per-stream LSTM kernel: bit-equal to any replay, ~1.4x the
+    # compute (docs/resilience.md, "Bit-equality")
     log_level: str = "info"
     data_dir: str = ""  # Faust's local data directory; empty: a temporary one
 
@@ -82,17 +84,27 @@ for _name, _hint in typing.get_type_hints(Settings).items():
         else _hint
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def parse(name: str, raw: str) -> Any:
     """The value of setting ``name`` from text, as its field's type.
 
     >>> parse("web_port", "7000"), parse("threshold", "0.99"), parse("app_id", "x")
     (7000, 0.99, 'x')
+    >>> parse("exact_kernels", "1"), parse("exact_kernels", "off")
+    (True, False)
     >>> parse("batch_wait", "soon")
     Traceback (most recent call last):
     ...
     worker.settings.SettingsError: LSTREAM_BATCH_WAIT: expected a number, got 'soon'
     """
     kind = TYPES[name]
+    if kind is bool:
+        low = raw.strip().lower()
+        if low not in _BOOLS:
+            raise SettingsError(f"{ENV[name]}: expected one of {', '.join(_BOOLS)}, got {raw!r}")
+        return _BOOLS[low]
     if kind in (int, float):
         try:
             return kind(raw)

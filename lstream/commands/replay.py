@@ -44,14 +44,19 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from kernels.blas import limit_blas_threads
     from kernels.engine import Engine
     from series.csvdata import DataError, read_streams
-    from worker.settings import DEFAULT_MODEL
+    from worker.settings import DEFAULT_MODEL, SettingsError, parse
 
     limit_blas_threads(1)  # small batched matmuls: one BLAS thread is faster (kernels/blas.py)
     if args.out is None and args.plot is None and args.explain is None:
         raise CliError("nothing to write: expected --out DIR, --plot PNG and/or --explain DIR")
     if args.threshold is not None and not 0 < args.threshold <= 1:
         raise CliError(f"--threshold: expected a number in (0, 1], got {args.threshold}")
-    model = load_model(args.model or env.get("LSTREAM_MODEL") or DEFAULT_MODEL)
+    # LSTREAM_EXACT_KERNELS as the worker reads it: the same kernel path, the same bits
+    try:
+        exact = parse("exact_kernels", env.get("LSTREAM_EXACT_KERNELS") or "0")
+    except SettingsError as e:
+        raise CliError(str(e)) from None
+    model = load_model(args.model or env.get("LSTREAM_MODEL") or DEFAULT_MODEL, exact=exact)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     if columns is None:
         try:  # the model's own feature names, when the files have them

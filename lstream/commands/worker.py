@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import fields
 
-from worker.settings import ENV, TYPES, Settings
+from worker.settings import ENV, TYPES, Settings, parse
 
 HELP = {
     "broker": "Kafka bootstrap, kafka://host:port[;host:port...]",
@@ -48,6 +48,8 @@ HELP = {
     "offset_regression": "one of skip, apply: events behind their stream's stored position yet newer "
                          "(a recreated topic) are skipped (counted, logged) or applied as a fresh history",
     "state_cache_entries": "stream states held in memory, least recently used evicted (0: none)",
+    "exact_kernels": "1: always the per-stream LSTM kernel, so every stream's state is bit-equal to an offline "
+                     "replay (lstream replay with the same variable) whatever the batching; ~1.4x the compute",
     "log_level": "one of debug, info, warning, error (Faust's own start-up lines only with debug)",
     "data_dir": "Faust's local data directory (default: a temporary one)",
 }
@@ -65,7 +67,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                              "state in Redis.")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, type=TYPES[f.name], default=None,
+        kind = TYPES[f.name]
+        p.add_argument(flag, dest=f.name, type=(lambda raw, name=f.name: parse(name, raw)) if kind is bool else kind,
+                       default=None,
                        help=f"{HELP.get(f.name, f.name)} (${ENV[f.name]}; default {f.default!r})")
     return p
 

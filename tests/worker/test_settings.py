@@ -36,3 +36,16 @@ def test_a_value_of_the_wrong_type_is_one_clear_error(name, raw):
 def test_bad_values_are_refused(flags, message):
     with pytest.raises(SettingsError, match=message):
         from_env({}, **flags)
+
+
+def test_exact_kernels_is_a_yes_no_setting_and_reaches_the_flag_parser():
+    from lstream.commands.worker import build_parser
+
+    assert TYPES["exact_kernels"] is bool and Settings().exact_kernels is False
+    assert from_env({ENV["exact_kernels"]: "1"}).exact_kernels is True
+    assert from_env({ENV["exact_kernels"]: "off"}).exact_kernels is False
+    with pytest.raises(SettingsError, match="LSTREAM_EXACT_KERNELS: expected one of 1, true"):
+        parse("exact_kernels", "maybe")
+    # argparse must not turn "0" into True (bool("0") is True)
+    assert build_parser("w").parse_args(["--exact-kernels", "0"]).exact_kernels is False
+    assert build_parser("w").parse_args(["--exact-kernels", "yes"]).exact_kernels is True
