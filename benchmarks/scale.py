@@ -278,7 +278,7 @@ def build_parser(prog: str = "python -m benchmarks.scale") -> argparse.ArgumentP
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per drain")
     p.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
-                   help="extra environment for the worker (e.g. LSTREAM_CACHE_ENTRIES=100000)")
+                   help="extra environment for the worker (e.g. LSTREAM_STATE_CACHE_ENTRIES=100000)")
     p.add_argument("--plot", default=None, help="write a PNG of each measure against the number of streams")
     p.add_argument("--json", default=None, help="write the rows as JSON")
     return p
