@@ -142,6 +142,12 @@ def validate(s: Settings) -> None:
         raise SettingsError(f"batch size: expected at least 1, got {s.batch_size}")
     if s.batch_wait < 0 or s.session_timeout <= 0 or s.state_ttl < 0:
         raise SettingsError("batch wait, session timeout and state TTL must not be negative")
+    if not 1 <= s.web_port <= 65535:
+        raise SettingsError(f"web port: expected 1 to 65535, got {s.web_port}")
+    if s.partitions < 1:
+        raise SettingsError(f"partitions: expected at least 1, got {s.partitions}")
+    if s.state_cache_entries < 0:
+        raise SettingsError(f"state cache entries: expected 0 (off) or more, got {s.state_cache_entries}")
     for name in ("fetch_wait", "redis_timeout", "broker_timeout"):
         if not getattr(s, name) > 0:
             raise SettingsError(f"{name.replace('_', ' ')}: expected a positive number of seconds, "

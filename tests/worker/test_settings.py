@@ -32,6 +32,9 @@ def test_a_value_of_the_wrong_type_is_one_clear_error(name, raw):
     ({"fetch_wait": 0.0}, "fetch wait: expected a positive number of seconds"),
     ({"redis_timeout": -1.0}, "redis timeout: expected a positive number of seconds"),
     ({"batching": "greedy"}, "batching: expected 'smart' or 'take'"),
+    ({"web_port": 0}, "web port: expected 1 to 65535, got 0"),
+    ({"partitions": 0}, "partitions: expected at least 1, got 0"),
+    ({"state_cache_entries": -1}, "state cache entries: expected 0"),
 ])
 def test_bad_values_are_refused(flags, message):
     with pytest.raises(SettingsError, match=message):
