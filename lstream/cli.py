@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import re
 import sys
@@ -76,45 +75,6 @@ def normalise_broker(value: str) -> str:
     if "://" in value:
         return value
     return "kafka://" + ";".join(h.strip() for h in re.split(r"[;,]", value) if h.strip())
-
-
-class LibraryNoise(logging.Filter):
-    """Drops records under WARNING logged from inside Faust, mode, aiokafka and aiohttp (their
-    start-up and shutdown chatter, ~40 lines), also for services defined in our own modules,
-    whose lifecycle lines mode logs under our module's logger name."""
-
-    def __init__(self, name: str = "") -> None:
-        super().__init__(name)
-        import importlib.util
-
-        dirs: list[str] = []
-        for lib in ("faust", "mode", "aiokafka", "kafka", "aiohttp", "venusian"):
-            module = sys.modules.get(lib)
-            paths = list(getattr(module, "__path__", None) or [])
-            if not paths:
-                try:
-                    spec = importlib.util.find_spec(lib)
-                except (ImportError, ValueError):  # faust replaces its module: __spec__ is None
-                    spec = None
-                paths = list(spec.submodule_search_locations or []) if spec is not None else []
-            dirs += [str(d).rstrip(os.sep) + os.sep for d in paths]
-        self.dirs = tuple(dirs)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.dirs)
-
-
-def worker_logging_config(level: str) -> dict[str, Any] | None:
-    """Faust's logging config (``faust.Worker(logging_config=...)``) with :class:`LibraryNoise`
-    on its handler, unless ``level`` is debug (None: Faust's own config, everything shown)."""
-    if level.lower() == "debug":
-        return None
-    return {
-        "merge": True,  # mode merges this into its own config (formatters and root stay its own)
-        "filters": {"library_noise": {"()": LibraryNoise}},
-        "handlers": {"default": {"level": level.upper(), "class": "colorlog.StreamHandler",
-                                 "formatter": "colored", "filters": ["library_noise"]}},
-    }
 
 
 # --- help text: one convention for every command ----------------------------------------------

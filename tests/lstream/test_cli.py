@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
 
-from lstream.cli import COMMANDS, ROOT, LibraryNoise, adopt, main, normalise_broker, version
+from lstream.cli import COMMANDS, ROOT, adopt, main, normalise_broker, version
 
 
 def _help(name: str) -> str:
@@ -68,22 +67,6 @@ def test_bad_flag_of_any_command_is_one_line(capsys: pytest.CaptureFixture[str])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.count("\n") == 1, (name, err)
         assert "--no-such-flag" in err or "required" in err, (name, err)
-
-
-def test_library_noise_drops_faust_info_keeps_warnings_and_ours() -> None:
-    import faust  # noqa: F401  (its __spec__ is None: the filter must still find its directory)
-    import mode
-
-    noise = LibraryNoise()
-    in_mode = mode.__path__[0] + "/services.py"
-
-    def rec(level: int, path: str) -> logging.LogRecord:
-        return logging.LogRecord("worker.app", level, path, 1, "Starting...", None, None)
-
-    assert not noise.filter(rec(logging.INFO, in_mode))  # mode's lifecycle line, even under our name
-    assert noise.filter(rec(logging.WARNING, in_mode))
-    assert noise.filter(rec(logging.INFO, str(ROOT / "worker" / "app.py")))
-    assert any(d.rstrip("/").endswith("faust") for d in noise.dirs)
 
 
 def test_every_worker_flag_has_a_help_text() -> None:
