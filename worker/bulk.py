@@ -155,7 +155,7 @@ class BulkFeed:
             await runtime.pipeline.submit(msgs, ack)
 
 
-# What drain_in_bulk and acknowledge use of faust.transport.consumer.Consumer (faust-streaming 0.11-0.15).
+# What drain_in_bulk and acknowledge use of faust.transport.consumer.Consumer (as in faust-streaming 0.15.3).
 FAUST_INTERNALS = ("_wait_next_records", "_read_offset", "_add_gap", "_commit_every", "_n_acked", "_acked",
                    "_acked_index", "_committed_offset", "_unacked_messages", "_waiting_for_ack",
                    "_buffered_partitions", "perform_seek", "flow_active", "suspend_flow", "commit", "wait_first")
