@@ -12,7 +12,7 @@ API (async, redis-py)::
     loaded = await store.load(ids)          # one round trip -> state.loaded.Loaded
     loaded.states                           # kernels.states.StreamStates, row i = ids[i]
     loaded.positions                        # kernels.states.Positions (partition, offset, index, ts, event_id)
-    loaded.found, loaded.reset, loaded.fresh  # bool (n,)
+    loaded.found, loaded.other_model, loaded.fresh  # bool (n,)
     loaded.unreadable                       # list[str | None]: why a stored hash cannot be read
     saved = await store.save(ids, states, positions)   # one round trip, fenced -> state.saved.Saved
     saved.code / saved.applied / saved.refused

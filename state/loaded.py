@@ -29,7 +29,7 @@ class Loaded:
     states: StreamStates  # the stored states; fresh ones where ``fresh`` is True
     positions: Positions  # where each stored state is; -1 / NaN / None where nothing is stored
     found: np.ndarray  # bool: a state hash exists (of any model version, readable or not)
-    reset: np.ndarray  # bool: it belongs to another model version; a fresh state stands in
+    other_model: np.ndarray  # bool: it belongs to another model version; a fresh state stands in
     unreadable: list[str | None] = field(default_factory=list)  # why the hash cannot be read; None: it can
     layout_resets: dict[str, int] = field(default_factory=dict)  # fields started afresh (other layout), by name
 
@@ -40,11 +40,7 @@ class Loaded:
     @property
     def fresh(self) -> np.ndarray:
         """bool: the stream starts from a fresh state (no hash, another model, or unreadable)."""
-        return ~self.found | self.reset | np.array([u is not None for u in self.unreadable], bool)
-
-    @property
-    def other_model(self) -> np.ndarray:
-        return self.reset
+        return ~self.found | self.other_model | np.array([u is not None for u in self.unreadable], bool)
 
     # The position columns by name (as the pipeline reads them).
     @property
@@ -69,7 +65,7 @@ class Loaded:
 
     def take(self, idx: Any) -> Loaded:
         rows = np.arange(len(self.found))[idx]
-        return Loaded(self.states.take(rows), self.positions.take(rows), self.found[rows], self.reset[rows],
+        return Loaded(self.states.take(rows), self.positions.take(rows), self.found[rows], self.other_model[rows],
                       [self.unreadable[i] for i in rows.tolist()], dict(self.layout_resets))
 
     @classmethod
@@ -79,7 +75,7 @@ class Loaded:
             for k, v in p.layout_resets.items():
                 resets[k] = resets.get(k, 0) + v
         return cls(StreamStates.concat([p.states for p in parts]), Positions.concat([p.positions for p in parts]),
-                   np.concatenate([p.found for p in parts]), np.concatenate([p.reset for p in parts]),
+                   np.concatenate([p.found for p in parts]), np.concatenate([p.other_model for p in parts]),
                    [u for p in parts for u in p.unreadable], resets)
 
 

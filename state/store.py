@@ -148,7 +148,7 @@ class StateStore:
         streams; ``timeout`` bounds every round trip; ``index_cap`` bounds the index;
         ``durability``: ``none``, ``aof-local`` or ``replicas=N`` (see :mod:`state.durability`).
         ``policy`` and ``retries`` are accepted for older callers and have no effect: a state of
-        another model always loads fresh with ``Loaded.reset`` set (the pipeline applies the
+        another model always loads fresh with ``Loaded.other_model`` set (the pipeline applies the
         policy), and the caller retries.
         """
         del retries
@@ -243,7 +243,7 @@ class StateStore:
             rows = await self._evalsha_load(keys)
         loaded = decode_rows(rows, self.fresh(n), model=self._model_b, shape=self._shape())
         self.loads += n
-        self.resets += int(loaded.reset.sum())
+        self.resets += int(loaded.other_model.sum())
         self.unreadable += sum(u is not None for u in loaded.unreadable)
         for name, count in loaded.layout_resets.items():
             self.layout_resets[name] = self.layout_resets.get(name, 0) + int(count)

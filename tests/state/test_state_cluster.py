@@ -91,7 +91,7 @@ def test_load_save_round_trip_over_every_node(cluster_url: str) -> None:
     assert not before.found.any()
     assert applied.all()
     rev = np.arange(n)[::-1]
-    assert back.found.all() and not back.reset.any()
+    assert back.found.all() and not back.other_model.any()
     for name in ("h", "c", "pred", "steps", "norm", "anomaly", "episode"):
         np.testing.assert_array_equal(getattr(back.states, name), getattr(st, name)[rev], err_msg=name)
     np.testing.assert_array_equal(back.offset, rev)

@@ -81,5 +81,5 @@ def test_any_model_version_text_is_written_and_recognised(redis_url: str) -> Non
             await store.close()
 
     loaded = asyncio.run(go())
-    assert loaded.found[0] and not loaded.reset[0] and loaded.unreadable == [None]
+    assert loaded.found[0] and not loaded.other_model[0] and loaded.unreadable == [None]
     assert redis.Redis.from_url(redis_url).hget(codec.state_key(sid), "model") == version.encode()

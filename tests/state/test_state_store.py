@@ -122,7 +122,7 @@ def test_round_trip_every_field(redis_url: str) -> None:
     same_states(loaded.states.take(slice(0, 3)), st)
     same_states(loaded.states.take([3]), StreamStates.zeros(1, L, H, F))
     assert loaded.found.tolist() == [True, True, True, False]
-    assert loaded.reset.tolist() == [False] * 4
+    assert loaded.other_model.tolist() == [False] * 4
     assert loaded.partition.tolist() == [3, 0, 7, -1]
     assert loaded.offset.tolist() == [41, 2**40, 0, -1]
     assert loaded.index.tolist() == [0, 5, 1, -1]
@@ -178,7 +178,7 @@ def test_hash_written_by_hand_reads_back(redis_url: str) -> None:
     np.testing.assert_array_equal(st.anomaly[0], anomaly)
     assert (st.steps[0], st.episode[0]) == (12, 3)
     assert (loaded.partition[0], loaded.offset[0], loaded.index[0], loaded.ts[0]) == (2, 900, 0, 1700000000.5)
-    assert loaded.event_id == ["abc"] and loaded.found[0] and not loaded.reset[0]
+    assert loaded.event_id == ["abc"] and loaded.found[0] and not loaded.other_model[0]
     assert rec["updated_at"] == 1700000001.0 and rec["steps"] == 12
     np.testing.assert_array_equal(rec["c"], c)
 
@@ -203,7 +203,7 @@ def test_statistics_of_another_detector_layout_restart_the_detector_only(redis_u
 
     loaded, counters = run(go)
     np.testing.assert_array_equal(loaded.states.h[0], h)
-    assert loaded.states.steps[0] == 7 and not loaded.reset[0]
+    assert loaded.states.steps[0] == 7 and not loaded.other_model[0]
     assert not loaded.states.anomaly.any()
     assert counters["detector_resets"] == 1
 
@@ -421,11 +421,11 @@ def test_model_version_policy(redis_url: str) -> None:
         return loaded, counters, (applied, again)
 
     loaded, counters, (applied, again) = run(go)
-    assert loaded.found.tolist() == [True, False] and loaded.reset.tolist() == [True, False]
+    assert loaded.found.tolist() == [True, False] and loaded.other_model.tolist() == [True, False]
     assert loaded.fresh.all() and (loaded.states.h == 0).all() and (loaded.states.steps == 0).all()
     assert loaded.offset[0] == 7 and loaded.event_id[0] == "e7"  # the position still fences
     assert counters["resets"] == 1
-    assert applied.all() and not again.reset.any() and again.found.all()
+    assert applied.all() and not again.other_model.any() and again.found.all()
 
     sid = f"{t}-c"
 
@@ -442,7 +442,7 @@ def test_model_version_policy(redis_url: str) -> None:
     # A state of another model never fails the batch: it is reported (the pipeline's policy
     # refuse dead-letters that stream's events as model_mismatch) and left as it is in Redis.
     got = run(refuse)
-    assert got.reset.tolist() == [False, True] and got.other_model.tolist() == [False, True]
+    assert got.other_model.tolist() == [False, True]
     assert got.found.tolist() == [False, True] and got.offset.tolist() == [-1, 7]
     assert redis.Redis.from_url(redis_url).hget(codec.state_key(sid), "model") == b"m-old"
 
