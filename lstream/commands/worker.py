@@ -28,9 +28,9 @@ HELP = {
     "app_id": "Faust app id (the consumer group)",
     "batch_size": "most messages per micro-batch",
     "batch_wait": "seconds a micro-batch waits for more events (smart: after its first; take: in all)",
-    "batching": "smart (a batch is what arrived while the previous one was computed) or take (Faust's "
-                "stream.take: waits batch_wait for each batch; the behaviour before) or bulk (as smart, records taken "
-                "from Faust's consumer a fetch at a time: worker/bulk.py)",
+    "batching": "bulk (a batch is what arrived while the previous one was computed, taken from Faust's consumer "
+                "a fetch at a time, past its per-message agent machinery), smart (the same batches through "
+                "Faust's agent) or take (Faust's stream.take: waits batch_wait for each batch)",
     "fetch_wait": "seconds the broker may hold a fetch that finds no new records (the latency floor)",
     "redis_timeout": "seconds one Redis round trip may take; longer counts as an outage (retried, /healthz 503)",
     "broker_timeout": "seconds one delivery of outputs may take; longer counts as an outage (retried)",

@@ -119,7 +119,8 @@ def running(broker_url: str, model_dir: str, tmp_path_factory: pytest.TempPathFa
     one alert) and one bad message."""
     tmp = tmp_path_factory.mktemp("running")
     redis = start_redis()
-    w = Proc(broker_url, redis.url, model_dir, tmp, "--redis-timeout", "1")
+    # Batches of 16: the cache hit ratio below needs many batches, whatever the batching mode.
+    w = Proc(broker_url, redis.url, model_dir, tmp, "--redis-timeout", "1", "--batch-size", "16")
     try:
         ku.create_topics(broker_url, list(w.topics.values()), PARTITIONS)
         msgs = []
