@@ -1,8 +1,10 @@
 """What Redis's `appendfsync always` costs against `everysec`, with the store's write pattern
 (one script call per batch, an 800-byte field per stream). Prints one line per setting.
 
-    .venv/bin/python docs/fsync_cost.py      # needs redis-server on PATH; about 15 s
+    python -m benchmarks.fsync_cost      # or lstream bench fsync_cost; needs redis-server; about 15 s
 """
+
+from __future__ import annotations
 
 import os
 import subprocess
@@ -41,8 +43,14 @@ def rates(mode: str, seconds: float = 3.0) -> dict[int, float]:
         proc.wait()
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    seconds = 1.0 if argv and "--quick" in argv else 3.0
     for mode in ("always", "everysec"):
-        r = rates(mode)
+        r = rates(mode, seconds)
         print(f"appendfsync {mode:8}: batches of 1: {r[1]:8.0f} saves/s; batches of 256: {r[256]:6.0f} "
               f"batches/s = {r[256] * 256:9.0f} stream saves/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
