@@ -505,7 +505,9 @@ def run(plan: Plan, broker_url: str, redis_url: str, model_dir: str, workdir: Pa
     ku.create_topics(broker_url, list(topics.values()), PARTITIONS)
     positions = asyncio.run(produce_positions(broker_url, topics["input"], [(m.key, m.value) for m in plan.messages]))
     n_good = plan.n_good
-    worker = WorkerProc(broker_url, redis_url, model_dir, topics, f"fuzz-{plan.uid}", workdir / "fuzz-worker.log")
+    # exact kernels: the good streams' states can be compared with the replay bit for bit
+    worker = WorkerProc(broker_url, redis_url, model_dir, topics, f"fuzz-{plan.uid}", workdir / "fuzz-worker.log",
+                        "--exact-kernels", "1")
     t0 = time.monotonic()
     drained: float | None = None
     try:
@@ -649,7 +651,7 @@ def check_good_streams(r: FuzzRun, model_dir: str) -> list[str]:
     for rec in r.preds:
         p = orjson.loads(rec.value)
         steps[p["stream_id"]].append(p["step"])
-    engine = Engine(load_model(model_dir))
+    engine = Engine(load_model(model_dir, exact=True))  # as the worker (--exact-kernels 1)
     series = [Series(s, ts, v, ["value"]) for s, (ts, v) in r.plan.good.items()]
     offline = {x.name: x for x in replay_streams(engine, series)}
     st = r.loaded.states
@@ -664,32 +666,13 @@ def check_good_streams(r: FuzzRun, model_dir: str) -> list[str]:
         if not r.loaded.found[i] or st.steps[i] != n:
             bad.append(f"{sid}: stored steps {st.steps[i] if r.loaded.found[i] else None}, expected {n}")
             continue
-        for name, got_a, want_a, tol in (("h", st.h[i], fin.h[0], 2e-5), ("c", st.c[i], fin.c[0], 2e-5),
-                                         ("pred", st.pred[i], fin.pred[0], 2e-5), ("norm", st.norm[i], fin.norm[0], 0)):
-            if tol:
-                ok = np.allclose(got_a, want_a, atol=tol, rtol=0)
-            else:
-                ok = np.allclose(got_a, want_a, rtol=1e-12, atol=0)
-            if not ok:
-                bad.append(f"{sid}: stored {name} differs from the offline replay by "
-                           f"{np.abs(np.asarray(got_a, float) - np.asarray(want_a, float)).max():.3g}")
-        bad.extend(f"{sid}: {d}" for d in stats_differences(st, i, fin))
+        # bit for bit, every field (the worker and the replay both run exact kernels)
+        for name in ("h", "c", "pred", "norm", "anomaly", "episode", "adapt"):
+            got_a, want_a = getattr(st, name)[i], getattr(fin, name)[0]
+            if not np.array_equal(got_a, want_a, equal_nan=got_a.dtype.kind == "f"):
+                bad.append(f"{sid}: stored {name} is not bit-equal to the offline replay's (by up to "
+                           f"{np.nanmax(np.abs(np.asarray(got_a, float) - np.asarray(want_a, float))):.3g})")
     return bad
-
-
-def stats_differences(st: Any, i: int, fin: Any) -> list[str]:
-    """Detector statistics, episode and per-stream adaptation against the replay's (the bounds
-    tests/worker/test_worker_e2e.py uses: they are built from float32 forecast errors)."""
-    out = []
-    pairs = [("anomaly", st.anomaly[i], fin.anomaly[0])]
-    if hasattr(st, "adapt") and hasattr(fin, "adapt"):
-        pairs.append(("adapt", st.adapt[i], fin.adapt[0]))  # NaN: "no forecast yet"
-    for name, got_a, want_a in pairs:
-        if not np.allclose(got_a, want_a, rtol=1e-4, atol=1e-6, equal_nan=True):
-            out.append(f"stored {name} differs from the offline replay")
-    if st.episode[i] != fin.episode[0]:
-        out.append(f"stored episode {st.episode[i]} != replay's {fin.episode[0]}")
-    return out
 
 
 def check_edge(r: FuzzRun) -> tuple[list[str], int, int]:
