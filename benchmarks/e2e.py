@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -126,7 +127,7 @@ def run_agent(opts: argparse.Namespace) -> int:
 
         @app.agent(source)
         async def noop(stream: Any) -> None:
-            async for value in stream:
+            async for _value in stream:
                 n = state["n"] = state["n"] + 1
                 if state["first"] == 0.0:
                     state["first"] = time.time()
@@ -253,7 +254,7 @@ class CpuSampler:
             return 0.0
         if t <= s[0][0]:
             return s[0][column]
-        for a, b in zip(s, s[1:]):
+        for a, b in itertools.pairwise(s):
             if a[0] <= t <= b[0]:
                 return a[column] + (b[column] - a[column]) * ((t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 0.0)
         return s[-1][column]
@@ -480,7 +481,7 @@ def _percentile(xs: list[float], q: float) -> float:
     if not xs:
         return float("nan")
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 class Bench:

@@ -140,7 +140,7 @@ def _inject(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray, rate: f
         start = int(rng.integers(n // 10, n))  # leave a clean start for warm-up
         kind = rng.choice(["spike", "spike", "shift", "flat", "burst"])
         sign = rng.choice([-1.0, 1.0])
-        cols = rng.random(x.shape[1]) < 0.7
+        cols = np.asarray(rng.random(x.shape[1]) < 0.7)
         cols[rng.integers(0, x.shape[1])] = True
         if kind == "spike":
             length = 1

@@ -374,16 +374,16 @@ def train(streams: Sequence[Series], cfg: TrainConfig,
                 idx = order[pos:pos + cfg.batch_size]
                 pos += cfg.batch_size
                 pred = model.predict(xt[idx])
-                s, c = _masked_mse(pred, yt[idx], mt[idx])
-                loss = s / c.clamp(min=1.0)
+                sq, cnt = _masked_mse(pred, yt[idx], mt[idx])
+                loss = sq / cnt.clamp(min=1.0)
                 opt.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
                 opt.step()
                 sched.step()
                 step += 1
-                total += float(s.detach())
-                count += float(c)
+                total += float(sq.detach())
+                count += float(cnt)
                 bar.batch(rnd, total / max(count, 1.0), last)
             train_loss = total / max(count, 1.0)
             if not math.isfinite(train_loss):

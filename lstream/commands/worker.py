@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
+from typing import Any
 
 from worker.settings import ENV, TYPES, Settings, parse
 
@@ -62,13 +63,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def _yes_no(name: str) -> Callable[[str], Any]:
+    """The flag parser of a yes/no setting (``parse`` knows the words it takes)."""
+    return lambda raw: parse(name, raw)
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = OneLineParser(prog=prog, description="Run the streaming worker: events in, predictions and alerts out, "
                                              "state in Redis.")
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
         kind = TYPES[f.name]
-        p.add_argument(flag, dest=f.name, type=(lambda raw, name=f.name: parse(name, raw)) if kind is bool else kind,
+        p.add_argument(flag, dest=f.name, type=_yes_no(f.name) if kind is bool else kind,
                        default=None,
                        help=f"{HELP.get(f.name, f.name)} (${ENV[f.name]}; default {f.default!r})")
     return p

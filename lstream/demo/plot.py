@@ -9,6 +9,7 @@ matplotlib is imported only here, with the Agg backend (no display needed).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
             ax.axvline(a.row, color="tab:red" if a.injected else "tab:blue", lw=0.8, alpha=0.7)
         for injected, colour, label in ((True, "tab:red", "alert on an injected anomaly"),
                                         (False, "tab:blue", "false alert (no label)")):
-            rows_hit = [a.row for a in alerts if a.injected == injected]
+            rows_hit = [int(a.row) for a in alerts if a.injected == injected and a.row is not None]
             if rows_hit:
                 ax.scatter(rows_hit, actual[rows_hit], marker="v", s=70, color=colour, zorder=5, label=label)
         n_eps = sum(1 for e in scenario.episodes if e.stream_id == sid)
@@ -108,7 +109,7 @@ def plot_streams(scenario: Scenario, tally: Tally, score: Score, path: str | Pat
         ax.grid(alpha=0.25)
         ax.tick_params(labelsize=8)
     axes[-1, 0].set_xlabel(f"reading (one every {scenario.period_s:g} s of event time)")
-    handles: dict[str, object] = {}
+    handles: dict[str, Any] = {}
     for ax in axes[:, 0]:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
