@@ -398,7 +398,6 @@ class Batcher:
             await self.room.wait()
 
     async def run(self) -> None:
-        from worker.events import RawMessage
 
         runtime, stream = self.runtime, self.stream
         while True:
@@ -411,19 +410,24 @@ class Batcher:
                 self.ready.clear()
             if len(self.buffer) < 2 * self.size:
                 self.room.set()
-            msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset)
-                    for e in batch]
-            record_ts = [float(e.message.timestamp or 0.0) for e in batch]
+            await submit_events(runtime, stream, batch, arrived)
 
-            async def ack(batch: list[Any] = batch, arrived: list[float] = arrived,
-                          record_ts: list[float] = record_ts) -> None:
-                runtime.observe_batch(arrived, record_ts)
-                for e in batch:
-                    await stream.ack(e)
 
-            # Computes this batch while the previous one is delivered and saved; each batch
-            # is acknowledged only after its own outputs are delivered and states saved.
-            await runtime.pipeline.submit(msgs, ack)
+async def submit_events(runtime: Runtime, stream: Any, batch: list[Any], arrived: list[float]) -> None:
+    """Hand a batch of Faust events to the pipeline. It computes this batch while the previous
+    one is delivered and saved; each batch is acknowledged only after its own outputs are
+    delivered and its states saved."""
+    from worker.events import RawMessage
+
+    msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset) for e in batch]
+    record_ts = [float(e.message.timestamp or 0.0) for e in batch]
+
+    async def ack() -> None:
+        runtime.observe_batch(arrived, record_ts)
+        for e in batch:
+            await stream.ack(e)
+
+    await runtime.pipeline.submit(msgs, ack)
 
 
 def create_app(settings: Settings, model: Any = None) -> Any:
@@ -518,22 +522,10 @@ def create_app(settings: Settings, model: Any = None) -> Any:
     async def take_batches(stream: Any) -> None:
         """``batching=take``: Faust's ``noack_take`` (the worker's batching before; kept to
         measure against, see benchmarks/latency.py)."""
-        from worker.events import RawMessage
 
         try:
             async for batch in stream.noack_take(s.batch_size, within=s.batch_wait or 0.05):
-                arrived = [time.time()] * len(batch)
-                msgs = [RawMessage(e.message.key, e.message.value, e.message.partition, e.message.offset)
-                        for e in batch]
-                record_ts = [float(e.message.timestamp or 0.0) for e in batch]
-
-                async def ack(batch: list[Any] = batch, arrived: list[float] = arrived,
-                              record_ts: list[float] = record_ts) -> None:
-                    runtime.observe_batch(arrived, record_ts)
-                    for e in batch:
-                        await stream.ack(e)
-
-                await runtime.pipeline.submit(msgs, ack)
+                await submit_events(runtime, stream, batch, [time.time()] * len(batch))
         finally:
             if runtime.pipeline is not None:
                 try:
