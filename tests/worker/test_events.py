@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import math
+import re
 
 import orjson
 import pytest
@@ -171,8 +171,11 @@ def test_arbitrary_bytes_never_raise(raw):
     assert len(events) + len(rejected) >= 1 or raw.strip().startswith(b"[")
     for r in rejected:
         assert r.code in ev.CODES
-        orjson.dumps(dead_letter(r))
-        assert not math.isnan(len(r.detail))
+        d = dead_letter(r)
+        orjson.dumps(d)
+        assert d["error"] == r.code and r.detail.startswith(d["detail"].removesuffix("..."))
+        # Every detail says what was expected and what came, and neither part is empty.
+        assert re.fullmatch(r"expected \S.*, got \S.*", r.detail, re.DOTALL), r.detail
 
 
 def test_door_limits_reject_magnitudes_and_implausible_times_per_element():
