@@ -69,8 +69,8 @@ class Settings:
     max_ts_skew: float = 86400.0  # seconds an event time may lie past the worker's clock (earlier than 1970: bad_ts)
     offset_regression: str = "skip"  # events behind their stream's stored position yet newer: skip | apply
     state_cache_entries: int = 50_000  # stream states held in memory (least recently used evicted); 0: none
-    exact_kernels: bool = False  # always the per-stream LSTM kernel: bit-equal to any replay, ~1.4x the
-    # compute (docs/resilience.md, "Bit-equality")
+    exact_kernels: bool = True  # always the per-stream LSTM kernel: bit-equal to any replay, ~1.4x the
+    # kernel compute, a few per cent of the worker's (docs/resilience.md, "Bit-equality")
     log_level: str = "info"
     data_dir: str = ""  # Faust's local data directory; empty: a temporary one
 

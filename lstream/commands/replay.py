@@ -53,7 +53,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise CliError(f"--threshold: expected a number in (0, 1], got {args.threshold}")
     # LSTREAM_EXACT_KERNELS as the worker reads it: the same kernel path, the same bits
     try:
-        exact = parse("exact_kernels", env.get("LSTREAM_EXACT_KERNELS") or "0")
+        exact = parse("exact_kernels", env.get("LSTREAM_EXACT_KERNELS") or "1")
     except SettingsError as e:
         raise CliError(str(e)) from None
     model = load_model(args.model or env.get("LSTREAM_MODEL") or DEFAULT_MODEL, exact=exact)

@@ -44,9 +44,9 @@ def test_bad_values_are_refused(flags, message):
 def test_exact_kernels_is_a_yes_no_setting_and_reaches_the_flag_parser():
     from lstream.commands.worker import build_parser
 
-    assert TYPES["exact_kernels"] is bool and Settings().exact_kernels is False
-    assert from_env({ENV["exact_kernels"]: "1"}).exact_kernels is True
-    assert from_env({ENV["exact_kernels"]: "off"}).exact_kernels is False
+    assert TYPES["exact_kernels"] is bool and Settings().exact_kernels is True
+    assert from_env({ENV["exact_kernels"]: "0"}).exact_kernels is False
+    assert from_env({ENV["exact_kernels"]: "on"}).exact_kernels is True
     with pytest.raises(SettingsError, match="LSTREAM_EXACT_KERNELS: expected one of 1, true"):
         parse("exact_kernels", "maybe")
     # argparse must not turn "0" into True (bool("0") is True)
