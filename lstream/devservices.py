@@ -154,14 +154,18 @@ REDIS_HINT = ("redis-server not found: install it (apt-get install redis-server,
               "or set LSTREAM_REDIS_URL")
 
 
-def start_redis(port: int | None = None, timeout: float = 15.0, password: str | None = None) -> Service:
-    """Start a throwaway ``redis-server`` (no persistence) on 127.0.0.1:``port``."""
+def start_redis(port: int | None = None, timeout: float = 15.0, password: str | None = None,
+                data_dir: str | os.PathLike[str] | None = None) -> Service:
+    """Start a throwaway ``redis-server`` (no automatic persistence) on 127.0.0.1:``port``.
+
+    ``data_dir``: where an explicit ``SHUTDOWN SAVE`` writes ``dump.rdb`` and a restart on the
+    same directory reads it back (a Redis that goes away and returns with its data)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise ServiceError(REDIS_HINT)
     port = _claim(port)
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(Path("/tmp")), "--logfile", ""]
+            "--dir", str(Path(data_dir) if data_dir is not None else Path("/tmp")), "--logfile", ""]
     if password:
         args += ["--requirepass", password]
     proc = _spawn(args)

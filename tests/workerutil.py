@@ -1,4 +1,4 @@
-"""Helpers for the worker tests: a small model artifact, event JSON, an offline reference run."""
+"""Shared test helpers: a small model artifact, event JSON, series, random stream states, an emit."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ import numpy as np
 import orjson
 
 from kernels.artifact import write_artifact
+from kernels.states import StreamStates
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int = 2, features: int = 1,
-                seed: int = 0, warmup: int = 50, norm: dict[str, Any] | None = None) -> str:
+                seed: int = 0, warmup: int = 50, norm: dict[str, Any] | None = None,
+                detector: dict[str, Any] | None = None) -> str:
     """Write a random-weights artifact (numpy only), stream normalisation unless ``norm`` is
     given; return its dir.
 
-    The detector keeps its defaults (kernels/detector.py) except a short warm-up."""
+    The detector keeps its defaults (kernels/detector.py) except a short warm-up and any of
+    ``detector``."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for layer in range(layers):
@@ -37,7 +40,7 @@ def small_model(out_dir: str | os.PathLike[str], *, hidden: int = 8, layers: int
             "head": [{"in": hidden, "out": hidden, "activation": "tanh"},
                      {"in": hidden, "out": features, "activation": None}],
             "features": [f"f{j}" for j in range(features)], "norm": norm or {"mode": "stream"},
-            "detector": {"warmup": warmup}}
+            "detector": {"warmup": warmup, **(detector or {})}}
     write_artifact(out_dir, meta, arrays)
     return os.fspath(out_dir)
 
@@ -67,6 +70,30 @@ def series_data(n_streams: int, n_steps: int, seed: int = 0,
         vals = offset + scale * (base + 0.1 * rng.normal(size=(n_steps, features)))
         out.append((f"s-{i:03d}", 1_700_000_000.0 + 60.0 * t, vals))
     return out
+
+
+def random_states(n: int, layers: int, hidden: int, features: int, seed: int = 0, *,
+                  max_steps: int = 10**12, max_episode: int = 30) -> StreamStates:
+    """n stream states with every array random (steps from 1 to ``max_steps``, episode from -1
+    to ``max_episode``): a round trip that drops or mixes up a field shows."""
+    rng = np.random.default_rng(seed)
+    st = StreamStates.zeros(n, layers, hidden, features)
+    st.h[:] = rng.standard_normal(st.h.shape)
+    st.c[:] = rng.standard_normal(st.c.shape)
+    st.pred[:] = rng.standard_normal(st.pred.shape)
+    st.norm[:] = rng.standard_normal(st.norm.shape)
+    st.anomaly[:] = rng.standard_normal(st.anomaly.shape)
+    st.steps[:] = rng.integers(1, max_steps, n)
+    st.episode[:] = rng.integers(-1, max_episode, n)
+    return st
+
+
+def assert_same_states(a: StreamStates, b: StreamStates) -> None:
+    """Every field of ``a`` equals ``b``'s, dtype and bits."""
+    for name in ("h", "c", "pred", "norm", "anomaly", "steps", "episode"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype, name
+        np.testing.assert_array_equal(x, y, err_msg=name)
 
 
 class Collect:

@@ -8,7 +8,7 @@ import pytest
 from evaluation import cv, nab, nab_score
 from lstream.cli import main
 from series.csvdata import parse_time
-from tests.evaluation.test_nab import PROFILES, ROWS, stamp, tiny_model, write_corpus
+from tests.nabcorpus import PROFILES, ROWS, stamp, tiny_model, write_corpus
 
 
 @pytest.fixture(scope="module")

@@ -5,57 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import os
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from evaluation import nab
-from kernels.artifact import write_artifact
 from lstream.cli import main
-
-PROFILES = {
-    "standard": {"CostMatrix": {"tpWeight": 1.0, "fnWeight": 1.0, "fpWeight": 0.11, "tnWeight": 1.0}},
-    "reward_low_FP_rate": {"CostMatrix": {"tpWeight": 1.0, "fnWeight": 1.0, "fpWeight": 0.22, "tnWeight": 1.0}},
-    "reward_low_FN_rate": {"CostMatrix": {"tpWeight": 1.0, "fnWeight": 2.0, "fpWeight": 0.11, "tnWeight": 1.0}},
-}
-ROWS = 400
-T0 = datetime(2014, 4, 1, tzinfo=UTC)
-
-
-def stamp(i: int) -> str:
-    return (T0 + timedelta(minutes=5 * i)).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def write_corpus(root: Path, series: dict[str, np.ndarray], windows: dict[str, list[tuple[int, int]]]) -> None:
-    """A NAB-layout corpus under ``root``: data/<category>/<file>.csv (row i at ``stamp(i)``),
-    windows.json (each window given as a pair of row numbers) and profiles.json."""
-    for name, values in series.items():
-        path = root / "data" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["timestamp", "value"])
-            w.writerows([stamp(i), f"{v:.6f}"] for i, v in enumerate(values))
-    (root / "windows.json").write_text(json.dumps(
-        {k: [[stamp(a) + ".000000", stamp(b) + ".000000"] for a, b in v] for k, v in windows.items()}))
-    (root / "profiles.json").write_text(json.dumps(PROFILES))
-
-
-def tiny_model(path: str) -> str:
-    rng = np.random.default_rng(0)
-    h = 6
-    arrays = {"lstm.weight_ih_l0": rng.normal(size=(4 * h, 1)) * 0.3,
-              "lstm.weight_hh_l0": rng.normal(size=(4 * h, h)) * 0.3,
-              "lstm.bias_ih_l0": np.zeros(4 * h), "lstm.bias_hh_l0": np.zeros(4 * h),
-              "head.0.weight": rng.normal(size=(1, h)) * 0.3, "head.0.bias": np.zeros(1)}
-    meta = {"input_size": 1, "hidden_size": h, "num_layers": 1, "output_size": 1,
-            "head": [{"in": h, "out": 1, "activation": None}], "features": ["value"],
-            "norm": {"mode": "stream", "window": 200.0, "min_std": 1e-3, "clip": 10.0},
-            "detector": {"warmup": 20, "block": 10}}
-    write_artifact(path, meta, arrays)
-    return path
+from tests.nabcorpus import PROFILES, ROWS, stamp, tiny_model, write_corpus
 
 
 @pytest.fixture(scope="module")

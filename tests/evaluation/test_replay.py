@@ -7,57 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from evaluation.replay import replay_series, replay_streams
 from kernels import load_model
 from kernels.engine import Engine
-from kernels.norm import Normalizer, stats_size
 from lstream.cli import main
 from series.csvdata import Series, read_csv
 from series.synthetic import generate, write_csv
+from tests.reference import torch_forecasts
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "models" / "default"
 STEPS = 3000
-
-
-def _torch_modules(path: Path) -> tuple[torch.nn.LSTM, list[tuple[torch.nn.Linear, str | None]]]:
-    """nn.LSTM + head layers built from the artifact's own arrays (as the contract says)."""
-    model = load_model(path)
-    arrays = dict(np.load(path / "weights.npz"))
-    lstm = torch.nn.LSTM(model.input_size, model.hidden_size, model.num_layers, batch_first=True)
-    lstm.load_state_dict({k[len("lstm."):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("lstm.")})
-    head = []
-    for k, layer in enumerate(model.meta["head"]):
-        lin = torch.nn.Linear(layer["in"], layer["out"])
-        lin.load_state_dict({"weight": torch.from_numpy(arrays[f"head.{k}.weight"]),
-                             "bias": torch.from_numpy(arrays[f"head.{k}.bias"])})
-        head.append((lin, layer["activation"]))
-    return lstm, head
-
-
-def _torch_forecasts(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """torch's forecasts (model units) over the readings ``x`` (T, F), and each step's mean/std."""
-    model = load_model(path)
-    norm = Normalizer(model.norm, model.input_size)
-    stats = np.zeros((1, stats_size(model.input_size)))
-    z, means, stds = np.empty_like(x), np.empty_like(x), np.empty_like(x)
-    for t in range(len(x)):  # the scaling the worker applies, reading by reading
-        norm.observe(stats, x[t:t + 1])
-        mean, std = norm.current(stats)
-        means[t], stds[t] = mean[0], std[0]
-        z[t] = norm.scale(x[t:t + 1], mean, std)[0]
-    lstm, head = _torch_modules(path)
-    with torch.no_grad():
-        y, _ = lstm(torch.from_numpy(z.astype(np.float32))[None])
-        for lin, act in head:
-            y = lin(y)
-            y = torch.relu(y) if act == "relu" else torch.tanh(y) if act == "tanh" else y
-    out = y[0].numpy().astype(np.float64)
-    if model.meta.get("residual"):  # the network predicts the change from the last reading
-        out = out + z.astype(np.float32)
-    return out, means, stds
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +44,7 @@ def test_replay_equals_torch_over_thousands_of_steps(which: str, global_model: P
     assert stream.labels.any()  # spikes and shifts included: clipping and saturation are exercised
     series = Series("s", stream.ts, stream.values, model.features)
     result = replay_series(Engine(model, adapt=False), series)  # the global forecast alone
-    y, means, stds = _torch_forecasts(path, stream.values)
+    y, means, stds = torch_forecasts(path, stream.values)
     ours = (result.forecast - means) / stds  # back to model units
     assert np.max(np.abs(ours - y)) < 1e-4
     # and in sensor units, expected[t] is the forecast made at t-1

@@ -14,40 +14,12 @@ from kernels import load_model
 from kernels.engine import Engine
 from kernels.explain import Recorder, gates, head, horizon, recording, shares
 from kernels.lstm import pack
+from tests.reference import torch_gates, torch_modules
 from tests.workerutil import ROOT
 
 torch = pytest.importorskip("torch")
 
 TOL = 1e-5
-
-
-def torch_reference(lstm, x: np.ndarray, h: np.ndarray, c: np.ndarray):
-    """torch's gates recomputed from its own weights (float32, torch ops), and torch's own
-    returned (h, c) for one time step. x (n, I), h, c (n, L, H) -> dict of (n, L, H) arrays."""
-    hid = lstm.hidden_size
-    xt = torch.from_numpy(x.astype(np.float32))
-    ht = torch.from_numpy(h.astype(np.float32)).transpose(0, 1).contiguous()  # (L, n, H)
-    ct = torch.from_numpy(c.astype(np.float32)).transpose(0, 1).contiguous()
-    out: dict[str, list] = {k: [] for k in ("i", "f", "g", "o", "h", "c")}
-    with torch.no_grad():
-        _, (h_new, c_new) = lstm(xt[:, None, :], (ht, ct))
-        inp = xt
-        for layer in range(lstm.num_layers):
-            w_ih = getattr(lstm, f"weight_ih_l{layer}")
-            w_hh = getattr(lstm, f"weight_hh_l{layer}")
-            b = getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")
-            pre = inp @ w_ih.T + ht[layer] @ w_hh.T + b
-            i, f, g, o = (pre[:, k * hid:(k + 1) * hid] for k in range(4))
-            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            cc = f * ct[layer] + i * g
-            hh = o * torch.tanh(cc)
-            for k, v in zip(("i", "f", "g", "o", "h", "c"), (i, f, g, o, hh, cc)):
-                out[k].append(v.numpy())
-            inp = hh
-    ref = {k: np.stack(v, axis=1) for k, v in out.items()}
-    ref["torch_h"] = h_new.transpose(0, 1).numpy()
-    ref["torch_c"] = c_new.transpose(0, 1).numpy()
-    return ref
 
 
 def packed_from_torch(lstm, heads: list) -> object:
@@ -83,7 +55,7 @@ def test_gates_match_torch_on_random_models(layers: int, hidden: int, features: 
     c = rng.normal(0, 2, (n, layers, hidden))
     x, h, c = (a.astype(np.float32) for a in (x, h, c))
     step = gates(p, x, h, c)
-    assert_step_matches(step, torch_reference(lstm, x, h, c))
+    assert_step_matches(step, torch_gates(lstm, x, h, c))
     with torch.no_grad():
         y_ref = lin(torch.from_numpy(step.h[:, -1].astype(np.float32))).numpy()
     np.testing.assert_allclose(head(p, step.h[:, -1]), y_ref, atol=TOL, rtol=0)
@@ -96,9 +68,7 @@ _DEFAULT: dict = {}
 def _default_model() -> tuple:
     if not _DEFAULT:
         model = load_model(ROOT / "models" / "default")
-        arrays = np.load(Path(model.path) / "weights.npz")
-        lstm = torch.nn.LSTM(model.input_size, model.hidden_size, model.num_layers, batch_first=True)
-        lstm.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("lstm.")})
+        lstm = torch_modules(model.path)[0]
         _DEFAULT.update(model=model, lstm=lstm)
     return _DEFAULT["model"], _DEFAULT["lstm"]
 
@@ -128,7 +98,7 @@ def test_gates_match_torch_on_default_model_and_engine(seed: int, steps: int, sh
     x, h, c = rec.calls[-1]
     assert len(rec.calls) == len(t) and np.abs(c).max() > 0.1  # a real, non-trivial state
     step = gates(model.packed, x, h, c)
-    assert_step_matches(step, torch_reference(lstm, x, h, c))
+    assert_step_matches(step, torch_gates(lstm, x, h, c))
     np.testing.assert_allclose(step.h, st.h, atol=TOL, rtol=0)
     np.testing.assert_allclose(step.c, st.c, atol=TOL, rtol=0)
     # the head on the explained h gives the model's output (the engine may add a residual and

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 from kernels import ModelError, load_model  # noqa: E402
 from kernels.artifact import read_artifact, write_artifact  # noqa: E402
 from kernels.lstm import _sigmoid, _tanh, lstm_step, pack  # noqa: E402
-from tests.reference import reference_step  # noqa: E402
+from tests.reference import reference_step, torch_head  # noqa: E402
 from training.export import export_model  # noqa: E402
 
 NO_JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
@@ -52,16 +52,6 @@ def make_net(n_in: int, hid: int, n_layers: int, head_spec: list[tuple[int, str 
                 bound = scale / max(1.0, param.shape[-1]) ** 0.5
                 param.copy_((torch.rand(param.shape, generator=gen) * 2 - 1) * bound)
     return lstm, linears, acts
-
-
-def torch_head(linears, acts, z):
-    for linear, act in zip(linears, acts):
-        z = linear(z)
-        if act == "relu":
-            z = torch.relu(z)
-        elif act == "tanh":
-            z = torch.tanh(z)
-    return z
 
 
 def numpy_weights(lstm, linears, acts):

@@ -144,18 +144,17 @@ def test_cli_and_http_agree_and_match_the_engine(redis_url: str, model_dir: str,
 
 def test_explained_gates_equal_torch_on_a_stored_state(redis_url: str, model_dir: str,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    torch = pytest.importorskip("torch")
-    from tests.kernels.test_explain import torch_reference
+    pytest.importorskip("torch")
+    from tests.reference import torch_gates, torch_modules
 
     sid = f"ex-{uuid.uuid4().hex[:8]}"
     seed(redis_url, model_dir, sid, level_shift(250, 120))
     rc, out, err = cli(["state", "explain", sid, "--json", "--model", model_dir, "--next", "75"], redis_url, capsys)
     assert rc == 0, err
     doc = json.loads(out)
-    arrays = np.load(Path(model_dir) / "weights.npz")
-    lstm = torch.nn.LSTM(1, H, L, batch_first=True)
-    lstm.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("lstm.")})
-    ref = torch_reference(lstm, np.array([doc["input"]], np.float32), np.array([doc["h_old"]], np.float32),
+    lstm = torch_modules(model_dir)[0]
+    assert (lstm.input_size, lstm.hidden_size, lstm.num_layers) == (1, H, L)
+    ref = torch_gates(lstm, np.array([doc["input"]], np.float32), np.array([doc["h_old"]], np.float32),
                           np.array([doc["c_old"]], np.float32))
     for k in ("i", "f", "g", "o"):
         np.testing.assert_allclose(doc["gates"][k], ref[k][0], atol=1e-5, rtol=0, err_msg=k)

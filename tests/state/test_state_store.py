@@ -25,25 +25,13 @@ from state import codec
 from state.errors import StateAuthError, StateError, StateUnavailable
 from state.saved import ALREADY, APPLIED, DUPLICATE, STALE
 from state.store import StateStore
+from tests.workerutil import assert_same_states, random_states
 
 L, H, F = 2, 3, 2
 
 
 def tag() -> str:
     return "t" + uuid.uuid4().hex[:10]
-
-
-def random_states(n: int, seed: int = 0) -> StreamStates:
-    rng = np.random.default_rng(seed)
-    st = StreamStates.zeros(n, L, H, F)
-    st.h[:] = rng.standard_normal(st.h.shape)
-    st.c[:] = rng.standard_normal(st.c.shape)
-    st.pred[:] = rng.standard_normal(st.pred.shape)
-    st.norm[:] = rng.standard_normal(st.norm.shape)
-    st.anomaly[:] = rng.standard_normal(st.anomaly.shape)
-    st.steps[:] = rng.integers(1, 10**12, n)
-    st.episode[:] = rng.integers(-1, 30, n)
-    return st
 
 
 def filled(n: int, value: float, steps: int = 1) -> StreamStates:
@@ -82,13 +70,6 @@ async def aconnect(url: str, **kw: Any) -> StateStore:
     return await StateStore.connect(url, num_layers=L, hidden_size=H, input_size=F, **kw)
 
 
-def same_states(a: StreamStates, b: StreamStates) -> None:
-    for name in ("h", "c", "pred", "norm", "anomaly", "steps", "episode"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert x.dtype == y.dtype, name
-        np.testing.assert_array_equal(x, y, err_msg=name)
-
-
 def arr(*xs: Any) -> np.ndarray:
     return np.array(xs, dtype=np.int64)
 
@@ -100,7 +81,7 @@ def run(coro_fn: Callable[[], Any]) -> Any:
 def test_round_trip_every_field(redis_url: str) -> None:
     t = tag()
     ids = [f"{t}-a", f"{t}-b", f"{t}-c"]
-    st = random_states(3)
+    st = random_states(3, L, H, F)
     st.pred[1] = np.nan  # a stream before its first step
     ts = np.array([1732650000.25, 1732650000.1, 1e9 / 3])
 
@@ -119,8 +100,8 @@ def test_round_trip_every_field(redis_url: str) -> None:
     assert (fresh.partition == -1).all() and np.isnan(fresh.ts).all()
     assert np.isnan(fresh.states.pred).all() and (fresh.states.episode == -1).all()
     assert applied.tolist() == [True, True, True]
-    same_states(loaded.states.take(slice(0, 3)), st)
-    same_states(loaded.states.take([3]), StreamStates.zeros(1, L, H, F))
+    assert_same_states(loaded.states.take(slice(0, 3)), st)
+    assert_same_states(loaded.states.take([3]), StreamStates.zeros(1, L, H, F))
     assert loaded.found.tolist() == [True, True, True, False]
     assert loaded.other_model.tolist() == [False] * 4
     assert loaded.partition.tolist() == [3, 0, 7, -1]
@@ -304,9 +285,10 @@ def test_replayed_batch_changes_nothing(redis_url: str) -> None:
         store = await aconnect(redis_url, clock=clock)
         parts, offs, idx = arr(*range(20)) % 3, arr(*range(100, 120)), np.zeros(20, np.int64)
         eids = [f"e{i}" for i in range(20)]
-        first = await store.save(ids, random_states(20, 1), Positions.build(parts, offs, idx, np.full(20, 5.0), eids))
+        pos = Positions.build(parts, offs, idx, np.full(20, 5.0), eids)
+        first = await store.save(ids, random_states(20, L, H, F, 1), pos)
         before = [r.hgetall(codec.state_key(s)) for s in ids]
-        again = await store.save(ids, random_states(20, 2), Positions.build(parts, offs, idx, np.full(20, 5.0), eids))
+        again = await store.save(ids, random_states(20, L, H, F, 2), pos)
         after = [r.hgetall(codec.state_key(s)) for s in ids]
         await store.close()
         return first, again, before, after

@@ -27,10 +27,10 @@ import pytest
 from evaluation.replay import replay_streams
 from kernels import load_model
 from kernels.engine import Engine
-from kernels.norm import Normalizer, stats_size
-from lstream.devservices import free_port
+from lstream.devservices import free_port, start_redis
 from series.csvdata import Series
 from tests import kafkautil as ku
+from tests.reference import torch_forecasts
 from tests.workerutil import ROOT, series_data, small_model, spike_series
 
 pytestmark = pytest.mark.slow
@@ -132,37 +132,6 @@ def _event(sid: str, ts: float, vals: np.ndarray, j: int) -> dict[str, Any]:
 def _offline(model_dir: str, data):
     engine = Engine(load_model(model_dir))
     return {r.name: r for r in replay_streams(engine, [Series(s, ts, v, ["value"]) for s, ts, v in data])}
-
-
-def _torch_forecasts(model_dir: str, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """torch.nn.LSTM + head over the stream's scaled readings: (forecasts in sensor units, std)."""
-    torch = pytest.importorskip("torch")
-    meta = json.loads((Path(model_dir) / "model.json").read_text())
-    with np.load(Path(model_dir) / "weights.npz") as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    f = meta["input_size"]
-    lstm = torch.nn.LSTM(f, meta["hidden_size"], meta["num_layers"], batch_first=True)
-    lstm.load_state_dict({k[5:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("lstm.")})
-    norm = Normalizer(meta["norm"], f)
-    stats = np.zeros((1, stats_size(f)))
-    means, stds = np.empty_like(values), np.empty_like(values)
-    for i in range(len(values)):
-        norm.observe(stats, values[i:i + 1])
-        m, s = norm.current(stats)
-        means[i], stds[i] = m[0], s[0]
-    z = norm.scale(values, means, stds).astype(np.float32)
-    with torch.no_grad():
-        y, _ = lstm(torch.from_numpy(z)[None])
-        y = y[0]
-        for k, layer in enumerate(meta["head"]):
-            w = torch.from_numpy(arrays[f"head.{k}.weight"])
-            b = torch.from_numpy(arrays[f"head.{k}.bias"])
-            y = y @ w.T + b
-            if layer.get("activation") == "relu":
-                y = torch.relu(y)
-            elif layer.get("activation") == "tanh":
-                y = torch.tanh(y)
-    return y.numpy().astype(np.float64) * stds + means, stds
 
 
 async def _load_states(redis_url: str, model_dir: str, ids: list[str]):
@@ -304,7 +273,9 @@ def test_forecasts_match_offline_replay_and_torch(run, model_dir):
         fc = np.array([p["forecast"] for p in got])
         np.testing.assert_array_equal(np.array([p["actual"] for p in got]), vals)
         ref = run["offline"][sid]
-        torch_fc, std = _torch_forecasts(model_dir, vals)
+        pytest.importorskip("torch")
+        y, means, std = torch_forecasts(model_dir, vals)
+        torch_fc = y * std + means  # sensor units
         # Within 1e-4 in model units (sensor units scaled by the stream's spread).
         assert np.abs((fc - ref.forecast) / std).max() < 1e-4, sid
         if Engine(load_model(model_dir)).adapter is None:  # adapted forecasts mix more than torch's
@@ -491,29 +462,6 @@ def test_sigterm_then_sigkill_mid_run_then_two_workers_apply_every_event_once(br
 # ------------------------------------------------------------ Redis outage
 
 
-def _redis_server(port: int, data_dir: Path) -> subprocess.Popen:
-    import shutil
-
-    import redis
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not installed")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(data_dir), "--dbfilename", "dump.rdb"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            redis.Redis(port=port).ping()
-            return proc
-        except redis.exceptions.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-
-
 def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
     import redis
 
@@ -526,7 +474,7 @@ def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
     half = len(msgs) // 2
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-    server = _redis_server(port, tmp_path)
+    server = start_redis(port, data_dir=tmp_path)
     ku.create_topics(broker_url, list(topics.values()), PARTITIONS)
     ku.produce(broker_url, topics["input"], msgs[:half])
     log = tmp_path / "worker.log"
@@ -537,7 +485,7 @@ def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
             redis.Redis(port=port).shutdown(save=True)
         except redis.exceptions.ConnectionError:
             pass
-        server.wait(10)
+        server.proc.wait(10)
         ku.produce(broker_url, topics["input"], msgs[half:])
         deadline = time.monotonic() + 60
         while json.loads(w.get("/healthz")[1])["redis"] != "down":
@@ -547,7 +495,7 @@ def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
         assert status == 503 and json.loads(body)["status"] == "degraded"
         time.sleep(2)  # several retries, still one log line
         assert w.metric("lstream_events_applied_total") == half
-        server = _redis_server(port, tmp_path)
+        server = start_redis(port, data_dir=tmp_path)
         w.wait_metric("lstream_events_applied_total", len(msgs), timeout=60)
         assert w.get("/healthz")[0] == 200
         assert w.stop() == 0
@@ -555,8 +503,7 @@ def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
     finally:
         if w.proc.poll() is None:
             w.proc.kill()
-        server.kill()
-        server.wait()
+        server.stop()
     text = log.read_text()
     assert text.count("redis unavailable") == 1, w.tail()
     assert text.count("redis is back") == 1
