@@ -16,13 +16,15 @@ from benchmarks.e2e import Config, run_bench, table
 
 @pytest.mark.slow
 def test_quick_bench_noop_and_naive(broker_url: str, redis_url: str) -> None:
-    cfg = Config(streams=20, events=300, naive_events=100, batch_messages=5, latency_seconds=1.0,
+    # 3,000 no-op events: at ~10k/s that is a window of several CPU-sampler ticks (300 drained in
+    # 33 ms once, too short to see any CPU time).
+    cfg = Config(streams=20, events=3000, naive_events=100, batch_messages=5, latency_seconds=1.0,
                  latency_rate=100.0, partitions=2, timeout=60.0, cases=("noop", "naive"))
     results = asyncio.run(run_bench(cfg, log=lambda msg: None, broker_url=broker_url, redis_url=redis_url))
     assert [r.case for r in results] == ["noop", "naive"]
     noop, naive = results
     assert noop.note == "" and naive.note == "", (noop.note, naive.note)
-    assert (noop.messages, noop.readings, naive.messages, naive.readings) == (300, 300, 100, 100)
+    assert (noop.messages, noop.readings, naive.messages, naive.readings) == (3000, 3000, 100, 100)
     for r in results:
         assert r.rate > 0 and r.cpu_us > 0 and 0 < r.extra["window_readings"] <= r.readings
     assert math.isnan(noop.p50_ms)  # the no-op agent emits nothing to time
