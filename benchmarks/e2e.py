@@ -42,7 +42,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -495,7 +494,8 @@ class Bench:
 
     def _command(self, case: str, input_topic: str, output_topic: str, expect: int, report: str,
                  run_id: str) -> tuple[list[str], dict[str, str]]:
-        env = dict(os.environ)
+        # No LSTREAM_* variable of the caller's shell reaches the worker: only the settings below.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         kind = case.split("-")[0]
         if kind in ("noop", "naive"):
@@ -526,6 +526,7 @@ class Bench:
         return [sys.executable, "-m", "lstream.cli", "worker"], env
 
     async def run_case(self, case: str) -> Result:
+        from lstream.devservices import stop_process
         from worker.kafka import ensure_topics
 
         cfg = self.cfg
@@ -584,7 +585,7 @@ class Bench:
         finally:
             await reader.stop()
             await sampler.stop()
-            self._stop(proc)
+            stop_process(proc, 10.0, group=True)  # the worker and anything it started
             logfile.close()
         return result
 
@@ -632,18 +633,6 @@ class Bench:
         result.extra.update(latency_rate=round(rate), latency_samples=len(reader.latencies))
         if len(reader.latencies) < count:
             result.note = f"latency: {len(reader.latencies)} of {count} predictions arrived"
-
-    @staticmethod
-    def _stop(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            except ProcessLookupError:
-                pass
 
 
 def table(results: Sequence[Result]) -> str:

@@ -31,14 +31,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -52,6 +47,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from lstream.devservices import WorkerProcess  # noqa: E402
 
 CONTRACT_CODES = frozenset({"bad_json", "bad_schema", "bad_stream_id", "key_mismatch", "bad_values", "bad_ts",
                             "too_large", "duplicate", "late", "model_mismatch", "bad_state", "failed"})
@@ -379,30 +376,16 @@ def _is_good_element(x: Any, good: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------ running it
 
 
-class WorkerProc:
-    """``lstream worker`` as a child process (its own process group), with HTTP port and log."""
+class WorkerProc(WorkerProcess):
+    """``lstream worker`` as a child process on ``topics``, with its HTTP port and log."""
 
     def __init__(self, broker_url: str, redis_url: str, model: str, topics: dict[str, str], app_id: str,
                  log: Path, *extra: str, partitions: int = PARTITIONS) -> None:
-        from lstream.devservices import free_port
-
-        self.port = free_port()
-        self.log = log
-        cmd = [sys.executable, "-m", "lstream.cli", "worker", "--broker", broker_url, "--redis-url", redis_url,
-               "--model", model, "--web-port", str(self.port), "--session-timeout", "10", "--app-id", app_id,
-               "--partitions", str(partitions), "--input-topic", topics["input"],
-               "--predictions-topic", topics["predictions"], "--alerts-topic", topics["alerts"],
-               "--dlq-topic", topics["dlq"], "--max-message-bytes", str(MAX_BYTES), *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-    def get(self, path: str, timeout: float = 5) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+        super().__init__(["--broker", broker_url, "--redis-url", redis_url, "--model", model,
+                          "--session-timeout", "10", "--app-id", app_id, "--partitions", str(partitions),
+                          "--input-topic", topics["input"], "--predictions-topic", topics["predictions"],
+                          "--alerts-topic", topics["alerts"], "--dlq-topic", topics["dlq"],
+                          "--max-message-bytes", str(MAX_BYTES), *extra], log=log, cwd=ROOT)
 
     def metrics(self) -> dict[str, float]:
         try:
@@ -421,26 +404,6 @@ class WorkerProc:
 
     def metric(self, name: str) -> float:
         return self.metrics().get(name, 0.0)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return -9
 
 
 def topics_for(tag: str) -> dict[str, str]:

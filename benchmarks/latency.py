@@ -34,8 +34,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
@@ -72,12 +69,6 @@ class Result:
     wall: float = 0.0
 
 
-def _free_port() -> int:
-    from lstream.devservices import free_port
-
-    return free_port()
-
-
 def _get(port: int, path: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
@@ -86,18 +77,6 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return e.code, e.read()
     except OSError:
         return 0, b""
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {proc.returncode}")
-        status, body = _get(port, "/healthz")
-        if status == 200 and json.loads(body).get("assigned_partitions"):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the worker was not ready within {timeout:.0f} s")
 
 
 def _series(i: int, step: int, spike_at: int) -> float:
@@ -182,11 +161,9 @@ async def _read(broker: str, topics: list[str], stop: asyncio.Event,
         await consumer.stop()
 
 
-def _worker_cmd(broker: str, redis_url: str, port: int, topics: dict[str, str], app_id: str,
-                extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lstream.cli", "worker", "--broker", broker, "--redis-url", redis_url,
-            "--web-port", str(port), "--session-timeout", "10", "--app-id", app_id, "--partitions", "4",
-            "--input-topic", topics["input"], "--predictions-topic", topics["predictions"],
+def _worker_args(broker: str, redis_url: str, topics: dict[str, str], app_id: str, extra: list[str]) -> list[str]:
+    return ["--broker", broker, "--redis-url", redis_url, "--session-timeout", "10", "--app-id", app_id,
+            "--partitions", "4", "--input-topic", topics["input"], "--predictions-topic", topics["predictions"],
             "--alerts-topic", topics["alerts"], "--dlq-topic", topics["dlq"], "--log-level", "warning", *extra]
 
 
@@ -231,21 +208,20 @@ def _worker_quantiles(port: int) -> dict[str, tuple[float, float]]:
 
 
 async def _case(case: str, extra: list[str], broker: str, redis_url: str, opts: argparse.Namespace,
-                log: Any) -> Result:
+                log: Path) -> Result:
+    from lstream.devservices import WorkerProcess
     from worker.kafka import ensure_topics
 
     uid = uuid.uuid4().hex[:6]
     topics = {k: f"lat-{case}-{k}-{uid}" for k in ("input", "predictions", "alerts", "dlq")}
     await ensure_topics(broker, list(topics.values()), 4)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
-    cmd = _worker_cmd(broker, redis_url, port, topics, f"lat-{case}-{uid}",
-                      [*extra, *(["--model", opts.model] if opts.model else [])])
-    # Started once, before anything is timed: a blocking Popen is fine here.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Started once, before anything is timed: a blocking start is fine here.
+    w = WorkerProcess(_worker_args(broker, redis_url, topics, f"lat-{case}-{uid}",
+                                   [*extra, *(["--model", opts.model] if opts.model else [])]), log=log, cwd=ROOT)
+    port = w.port
     res = Result(case)
     try:
-        await asyncio.to_thread(_wait_ready, port, proc, 120.0)
+        await asyncio.to_thread(w.wait_ready, 120.0, healthy=True)
         stop = asyncio.Event()
         got: list[tuple[str, float, float, float]] = []
         reader = asyncio.create_task(_read(broker, [topics["predictions"], topics["alerts"], topics["input"]], stop,
@@ -265,12 +241,7 @@ async def _case(case: str, extra: list[str], broker: str, redis_url: str, opts: 
             bucket["emitted"].append(emitted - ts)
             bucket["received"].append(received - ts)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        w.stop(30)
     return res
 
 
@@ -330,7 +301,7 @@ async def _main(opts: argparse.Namespace) -> list[Result]:
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="lstream-latency-") as workdir:
         broker = opts.broker or stack.enter_context(start_broker()).url
         redis_url = opts.redis_url or stack.enter_context(start_redis()).url
-        log = open(Path(workdir) / "workers.log", "ab")
+        log = Path(workdir) / "workers.log"  # every worker appends to it
         results = []
         for case in opts.cases.split(","):
             print(f"-- {case}: {opts.rate:.0f} events/s for {opts.seconds:.0f} s over {opts.streams} streams "
@@ -338,10 +309,8 @@ async def _main(opts: argparse.Namespace) -> list[Result]:
             try:
                 results.append(await _case(case, CASES[case], broker, redis_url, opts, log))
             except Exception as exc:
-                log.close()
-                tail = (Path(workdir) / "workers.log").read_text(errors="replace")[-3000:]
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
                 raise RuntimeError(f"{case}: {exc}\n{tail}") from exc
-        log.close()
         return results
 
 

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.e2e import ROOT, CpuSampler, OutputReader, model_dir
+
+if TYPE_CHECKING:
+    from lstream.devservices import WorkerProcess
 
 GATEWAY_BATCH = 100
 
@@ -134,26 +136,22 @@ class Scale:
         self.partitions, self.timeout, self.extra_env, self.log = partitions, timeout, worker_env, log
         self.model = model_dir(workdir, log)
 
-    def _start_worker(self, run_id: str, topics: dict[str, str], tag: str) -> tuple[subprocess.Popen[bytes], int]:
-        from lstream.devservices import free_port
+    def _start_worker(self, run_id: str, topics: dict[str, str], tag: str) -> WorkerProcess:
+        from lstream.devservices import WorkerProcess
 
-        port = free_port()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        # The worker gets no LSTREAM_* variable of the caller's shell: only these and --worker-env.
+        env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.update({
             "LSTREAM_BROKER": self.broker, "LSTREAM_REDIS_URL": self.redis_url,
             "LSTREAM_INPUT_TOPIC": topics["in"], "LSTREAM_PREDICTIONS_TOPIC": topics["out"],
             "LSTREAM_ALERTS_TOPIC": topics["alerts"], "LSTREAM_DLQ_TOPIC": topics["dlq"],
-            "LSTREAM_APP_ID": f"scale-{run_id}", "LSTREAM_WEB_PORT": str(port),
+            "LSTREAM_APP_ID": f"scale-{run_id}",
             "LSTREAM_SESSION_TIMEOUT": "10", "LSTREAM_PARTITIONS": str(self.partitions),
             "LSTREAM_LOG_LEVEL": "warning", "LSTREAM_MODEL": self.model,
         })
         env.update(self.extra_env)
-        log = open(os.path.join(self.workdir, f"worker-{run_id}-{tag}.log"), "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "lstream.cli", "worker"], env=env, cwd=str(ROOT),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        return proc, port
+        return WorkerProcess(env=env, log=os.path.join(self.workdir, f"worker-{run_id}-{tag}.log"), cwd=ROOT,
+                             new_session=True)
 
     async def _drain(self, proc: subprocess.Popen[bytes], reader: OutputReader, expect: int) -> tuple[float, float]:
         """Wait until ``expect`` more predictions arrived; (seconds from wake-up, worker CPU s)."""
@@ -175,16 +173,6 @@ class Scale:
         finally:
             await sampler.stop()
 
-    @staticmethod
-    def _stop(proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
     async def case(self, n: int, min_readings: int) -> Row:
         from worker.kafka import ensure_topics
 
@@ -203,14 +191,14 @@ class Scale:
         reader = OutputReader(self.broker, topics["out"])
         await reader.start()
         try:
-            proc, port = self._start_worker(run_id, topics, "warm")
+            w = self._start_worker(run_id, topics, "warm")
             try:
-                seconds, _ = await self._drain(proc, reader, row.readings)
+                seconds, _ = await self._drain(w.proc, reader, row.readings)
                 row.rate = row.readings / seconds
-                row.rss_mb = _peak_rss_mb(proc.pid)
-                saves = _metrics(port).get("lstream_states_saved_total")
+                row.rss_mb = _peak_rss_mb(w.pid)
+                saves = _metrics(w.port).get("lstream_states_saved_total")
             finally:
-                self._stop(proc)
+                w.stop()
             after = _redis_info(self.redis_url)
             cpu_us = (_server_cpu(after) - _server_cpu(before)) * 1e6
             row.redis_us_per_reading = cpu_us / row.readings
@@ -218,12 +206,12 @@ class Scale:
             row.redis_bytes_per_stream = (after["used_memory"] - before["used_memory"]) / n
             # Cold: a new process holds nothing; every stream is loaded from Redis.
             await _send(self.broker, topics["in"], ids, range(k, k + 1), t0)
-            proc, port = self._start_worker(run_id, topics, "cold")
+            w = self._start_worker(run_id, topics, "cold")
             try:
-                row.cold_seconds, _ = await self._drain(proc, reader, n)
+                row.cold_seconds, _ = await self._drain(w.proc, reader, n)
                 row.cold_rate = n / row.cold_seconds
             finally:
-                self._stop(proc)
+                w.stop()
         finally:
             await reader.stop()
         t = time.monotonic()

@@ -37,9 +37,12 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.e2e import GATEWAY_BATCH, ROOT, CpuSampler, Feed, OutputReader, _send, model_dir
+
+if TYPE_CHECKING:
+    from lstream.devservices import WorkerProcess
 
 
 @dataclass
@@ -87,26 +90,21 @@ class ScaleOut:
         self.cfg, self.broker, self.redis_url, self.workdir, self.log = cfg, broker, redis_url, workdir, log
         self.model = model_dir(workdir, log)
 
-    def _spawn(self, run_id: str, topics: dict[str, str], i: int) -> tuple[subprocess.Popen[bytes], int]:
-        from lstream.devservices import free_port
+    def _spawn(self, run_id: str, topics: dict[str, str], i: int) -> WorkerProcess:
+        from lstream.devservices import WorkerProcess
 
-        port = free_port()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        # The workers get no LSTREAM_* variable of the caller's shell: only these.
+        env = {"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.update({
             "LSTREAM_BROKER": self.broker, "LSTREAM_REDIS_URL": self.redis_url,
             "LSTREAM_INPUT_TOPIC": topics["input"], "LSTREAM_PREDICTIONS_TOPIC": topics["output"],
             "LSTREAM_ALERTS_TOPIC": topics["alerts"], "LSTREAM_DLQ_TOPIC": topics["dlq"],
-            "LSTREAM_APP_ID": f"scaleout-{run_id}", "LSTREAM_WEB_PORT": str(port),
+            "LSTREAM_APP_ID": f"scaleout-{run_id}",
             "LSTREAM_SESSION_TIMEOUT": "10", "LSTREAM_PARTITIONS": str(self.cfg.partitions),
             "LSTREAM_LOG_LEVEL": "warning", "LSTREAM_MODEL": self.model, "LSTREAM_BATCHING": self.cfg.batching,
         })
-        logfile = open(os.path.join(self.workdir, f"worker-{run_id}-{i}.log"), "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "lstream.cli", "worker"], env=env, cwd=str(ROOT),
-                                stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        logfile.close()
-        return proc, port
+        return WorkerProcess(env=env, log=os.path.join(self.workdir, f"worker-{run_id}-{i}.log"), cwd=ROOT,
+                             new_session=True)
 
     async def _joined(self, procs: list[subprocess.Popen[bytes]], ports: list[int]) -> float:
         """Wait until every worker holds partitions and together they hold all, for 2 s in a row;
@@ -145,8 +143,8 @@ class ScaleOut:
         feed = Feed(cfg.streams, prefix=f"s{run_id}")
         gateways = max(1, cfg.streams // GATEWAY_BATCH)
         await _send(self.broker, topics["input"], feed, readings, GATEWAY_BATCH if batched else 1, gateways)
-        spawned = [self._spawn(run_id, topics, i) for i in range(n)]
-        procs = [p for p, _ in spawned]
+        workers = [self._spawn(run_id, topics, i) for i in range(n)]
+        procs = [w.proc for w in workers]
         samplers = [CpuSampler(p.pid) for p in procs]
         for s in samplers:
             s.start()
@@ -154,7 +152,7 @@ class ScaleOut:
         await reader.start()
         try:
             t0 = time.time()
-            start = await self._joined(procs, [port for _, port in spawned])
+            start = await self._joined(procs, [w.port for w in workers])
             result.join_s = round(start - t0, 1)
             deadline = time.monotonic() + cfg.timeout
             while len(reader.stamps) < readings:
@@ -187,15 +185,9 @@ class ScaleOut:
             await reader.stop()
             for s in samplers:
                 await s.stop()
-            for p in procs:
-                _stop(p)
+            for w in workers:
+                w.stop(10)
         return result
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    from benchmarks.e2e import Bench
-
-    Bench._stop(proc)
 
 
 def table(results: Sequence[Result]) -> str:

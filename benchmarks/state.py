@@ -355,7 +355,7 @@ def table(rows: Sequence[Row], title: str = "") -> str:
 def start_cluster(primaries: int = 3, replicas: int = 0) -> Iterator[list[str]]:
     """A throwaway Redis Cluster of ``primaries`` primaries (each with ``replicas`` replicas) on
     free ports (no persistence); yields the URLs of every node (the first is the seed)."""
-    from lstream.devservices import _wait_for_port, child_setup, free_port
+    from lstream.devservices import _wait_for_port, child_setup, free_port, stop_process
 
     if not (shutil.which("redis-server") and shutil.which("redis-cli")):
         raise RuntimeError("a cluster needs redis-server and redis-cli on PATH")
@@ -387,21 +387,19 @@ def start_cluster(primaries: int = 3, replicas: int = 0) -> Iterator[list[str]]:
             time.sleep(0.1)
         yield [f"redis://127.0.0.1:{p}/0" for p in ports]
     finally:
-        for proc in procs:
+        from lstream.devservices import stop_process
+
+        for proc in procs:  # all told at once, then each waited for (SIGKILL after 5 s)
             proc.terminate()
         for proc in procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 5.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
 def start_server(*extra: str) -> Iterator[str]:
     """A throwaway redis-server on a free port with ``extra`` arguments; yields its URL."""
-    from lstream.devservices import _wait_for_port, child_setup, free_port
+    from lstream.devservices import _wait_for_port, child_setup, free_port, stop_process
 
     tmp = Path(tempfile.mkdtemp(prefix="lstream-redis-"))
     port = free_port()
@@ -412,12 +410,7 @@ def start_server(*extra: str) -> Iterator[str]:
         _wait_for_port(port, proc, "redis-server", 15.0)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 5.0)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

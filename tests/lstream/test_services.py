@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from lstream.devservices import ServiceError, start_redis
+from lstream.devservices import ServiceError, WorkerProcess, start_redis, stop_process
 
 
 def _alive(pid: int) -> bool:
@@ -50,3 +50,30 @@ def test_stop_frees_the_port_and_a_busy_port_is_an_error() -> None:
         first.stop()
     again = start_redis(port=first.port)
     again.stop()
+
+
+def test_stop_process_terminates_and_kills_what_ignores_sigterm() -> None:
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n"
+                                 "time.sleep(60)"], stdout=subprocess.PIPE)
+    assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+    t0 = time.monotonic()
+    assert stop_process(polite, 10.0) == -signal.SIGTERM
+    assert stop_process(stubborn, 0.5) == -signal.SIGKILL
+    assert time.monotonic() - t0 < 8
+    assert stop_process(polite) == -signal.SIGTERM  # already ended: just its code
+
+
+def test_worker_process_that_cannot_start_says_why(tmp_path) -> None:
+    w = WorkerProcess(["--model", str(tmp_path / "no-model")], log=tmp_path / "w.log")
+    try:
+        try:
+            w.wait_ready(60, healthy=True)  # /healthz answers while starting: wait for healthy
+        except ServiceError as exc:
+            assert "exited with code" in str(exc) and "no-model" in str(exc), exc
+        else:
+            raise AssertionError("a worker without a model must not become ready")
+    finally:
+        w.stop()
+    assert w.proc.returncode not in (None, 0)

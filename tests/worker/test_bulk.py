@@ -10,10 +10,6 @@ default (run them with ``LSTREAM_BATCHING`` unset after changing the default to 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,7 +18,7 @@ import orjson
 import pytest
 
 from kernels import load_model
-from lstream.devservices import free_port
+from lstream.devservices import WorkerProcess
 from tests import kafkautil as ku
 from tests.workerutil import ROOT, event, small_model
 
@@ -32,14 +28,12 @@ STREAMS, STEPS, PARTITIONS = 12, 40, 4
 
 
 def _worker(broker_url: str, redis_url: str, model: str, topics: dict[str, str], app_id: str,
-            log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "lstream.cli", "worker", "--broker", broker_url, "--redis-url", redis_url,
-           "--model", model, "--web-port", str(free_port()), "--session-timeout", "10", "--app-id", app_id,
-           "--partitions", str(PARTITIONS), "--batching", "bulk", "--input-topic", topics["input"],
-           "--predictions-topic", topics["predictions"], "--alerts-topic", topics["alerts"],
-           "--dlq-topic", topics["dlq"]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+            log: Path) -> WorkerProcess:
+    return WorkerProcess(["--broker", broker_url, "--redis-url", redis_url, "--model", model,
+                          "--session-timeout", "10", "--app-id", app_id, "--partitions", str(PARTITIONS),
+                          "--batching", "bulk", "--input-topic", topics["input"],
+                          "--predictions-topic", topics["predictions"], "--alerts-topic", topics["alerts"],
+                          "--dlq-topic", topics["dlq"]], log=log, cwd=ROOT)
 
 
 def _events(topic_tag: str, steps: range) -> list[tuple[bytes, bytes]]:
@@ -51,14 +45,14 @@ def _events(topic_tag: str, steps: range) -> list[tuple[bytes, bytes]]:
     return msgs
 
 
-def _wait_predictions(broker_url: str, topic: str, count: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def _wait_predictions(broker_url: str, topic: str, count: int, w: WorkerProcess) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"worker exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        if not w.alive():
+            raise AssertionError(f"worker exited with {w.proc.returncode}:\n{w.text()[-3000:]}")
         if len(ku.read_all(broker_url, topic, count=count, timeout=2.0)) >= count:
             return
-    raise AssertionError(f"fewer than {count} predictions within 120 s:\n{log.read_text(errors='replace')[-3000:]}")
+    raise AssertionError(f"fewer than {count} predictions within 120 s:\n{w.text()[-3000:]}")
 
 
 def test_bulk_worker_applies_and_predicts_each_event_once_across_a_graceful_restart(
@@ -72,19 +66,17 @@ def test_bulk_worker_applies_and_predicts_each_event_once_across_a_graceful_rest
     ku.produce(broker_url, topics["input"], _events(tag, range(half)))
     first = _worker(broker_url, redis_url, model, topics, f"app-{tag}", log)
     try:
-        _wait_predictions(broker_url, topics["predictions"], STREAMS * half, first, log)
+        _wait_predictions(broker_url, topics["predictions"], STREAMS * half, first)
     finally:
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(60) == 0, log.read_text(errors="replace")[-3000:]
+        assert first.stop(60) == 0, first.text()[-3000:]
     ku.produce(broker_url, topics["input"], _events(tag, range(half, STEPS)))
     second = _worker(broker_url, redis_url, model, topics, f"app-{tag}", log)
     try:
-        _wait_predictions(broker_url, topics["predictions"], STREAMS * STEPS, second, log)
+        _wait_predictions(broker_url, topics["predictions"], STREAMS * STEPS, second)
         time.sleep(2.0)  # anything replayed would come now
         preds = [orjson.loads(r.value) for r in ku.read_all(broker_url, topics["predictions"], idle=2.0, timeout=30)]
     finally:
-        second.send_signal(signal.SIGTERM)
-        second.wait(60)
+        second.stop(60)
     seen = Counter((p["stream_id"], p["step"]) for p in preds)
     assert len(preds) == STREAMS * STEPS and max(seen.values()) == 1, [k for k, n in seen.items() if n > 1][:5]
     assert {k for k in seen} == {(f"bulk{i}-{tag}", s) for i in range(STREAMS) for s in range(1, STEPS + 1)}

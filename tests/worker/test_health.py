@@ -12,10 +12,7 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from lstream.devservices import free_port, start_redis
+from lstream.devservices import WorkerProcess, free_port, start_redis
 from tests import kafkautil as ku
 from tests.workerutil import ROOT, event, small_model, spike_series
 
@@ -34,31 +31,19 @@ PARTITIONS = 2
 STREAMS, STEPS, SPIKE = 3, 120, 100
 
 
-class Proc:
-    """``lstream worker`` as a child process: its HTTP port, stderr kept apart from the log."""
+class Proc(WorkerProcess):
+    """``lstream worker`` as a child process on fresh topics: stderr kept apart from the log."""
 
     def __init__(self, broker_url: str, redis_url: str, model: str, tmp: Path, *extra: str,
                  web_port: int | None = None) -> None:
-        self.port = web_port or free_port()
         self.tag = uuid.uuid4().hex[:6]
         self.topics = {k: f"h3-{k}-{self.tag}" for k in ("input", "predictions", "alerts", "dlq")}
-        self.log, self.err = tmp / f"worker-{self.tag}.out", tmp / f"worker-{self.tag}.err"
-        cmd = [sys.executable, "-m", "lstream.cli", "worker", "--broker", broker_url, "--redis-url", redis_url,
-               "--model", model, "--web-port", str(self.port), "--session-timeout", "10",
-               "--app-id", f"h3-{self.tag}", "--partitions", str(PARTITIONS),
-               "--input-topic", self.topics["input"], "--predictions-topic", self.topics["predictions"],
-               "--alerts-topic", self.topics["alerts"], "--dlq-topic", self.topics["dlq"], *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(self.log, "wb"),
-                                     stderr=open(self.err, "wb"))
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
+        super().__init__(["--broker", broker_url, "--redis-url", redis_url, "--model", model,
+                          "--session-timeout", "10", "--app-id", f"h3-{self.tag}", "--partitions", str(PARTITIONS),
+                          "--input-topic", self.topics["input"], "--predictions-topic", self.topics["predictions"],
+                          "--alerts-topic", self.topics["alerts"], "--dlq-topic", self.topics["dlq"], *extra],
+                         web_port=web_port, log=tmp / f"worker-{self.tag}.out", stderr=tmp / f"worker-{self.tag}.err",
+                         cwd=ROOT)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         status, body = self.get("/healthz")
@@ -80,7 +65,7 @@ class Proc:
     def wait(self, what: str, cond: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
         while True:
-            self.alive()
+            self.check_alive()
             try:
                 got = cond()
             except (OSError, ValueError):
@@ -91,21 +76,9 @@ class Proc:
                 raise AssertionError(f"{what} not within {timeout} s; log:\n{self.text()[-4000:]}")
             time.sleep(0.1)
 
-    def alive(self) -> None:
-        if self.proc.poll() is not None:
+    def check_alive(self) -> None:
+        if not self.alive():
             raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.text()[-4000:]}")
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") + self.err.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +231,7 @@ def test_stalled_redis_turns_healthz_503_counted_and_logged_once(running, broker
 def _first_answer(w: Proc, timeout: float = 20.0) -> tuple[float, dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        w.alive()
+        w.check_alive()
         try:
             _, body = w.health()
             return time.monotonic() - w.started, body
@@ -284,7 +257,7 @@ def test_healthz_answers_at_once_and_waits_for_an_unreachable_redis(broker_url, 
             w.wait("redis reached", lambda: w.health()[1].get("waiting_for") != "redis", 60)
         assert w.text().count("waiting for redis") == 1
     finally:
-        w.stop(signal.SIGKILL)
+        w.kill()
 
 
 def test_unreachable_broker_is_retried_and_shown(model_dir, redis_url, tmp_path):
@@ -294,16 +267,16 @@ def test_unreachable_broker_is_retried_and_shown(model_dir, redis_url, tmp_path)
                                                          and h[1].get("last_error") else None)(w.health()), 120)
         assert w.health()[0] == 503 and body["last_error"]
         time.sleep(2)
-        w.alive()
+        w.check_alive()
     finally:
-        w.stop(signal.SIGKILL)
+        w.kill()
 
 
 def _one_line_exit(w: Proc, timeout: float = 120.0) -> str:
     try:
         rc = w.proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        w.stop(signal.SIGKILL)
+        w.kill()
         raise AssertionError(f"the worker did not exit:\n{w.text()[-3000:]}") from None
     err = w.err.read_text(errors="replace")
     assert rc == 2, (rc, w.text()[-3000:])

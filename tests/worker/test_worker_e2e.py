@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +24,7 @@ import pytest
 from evaluation.replay import replay_streams
 from kernels import load_model
 from kernels.engine import Engine
-from lstream.devservices import free_port, start_redis
+from lstream.devservices import WorkerProcess, free_port, start_redis
 from series.csvdata import Series
 from tests import kafkautil as ku
 from tests.reference import torch_forecasts
@@ -43,32 +40,21 @@ MAX_BYTES = 4096
 # ---------------------------------------------------------------- helpers
 
 
-class Worker:
-    """``lstream worker`` as a child process, with its HTTP port and log file."""
+class Worker(WorkerProcess):
+    """``lstream worker`` as a child process on this module's topics, with its log file."""
 
     def __init__(self, broker_url: str, redis_url: str, model: str, topics: dict[str, str], app_id: str,
                  log: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.log = log
-        cmd = [sys.executable, "-m", "lstream.cli", "worker", "--broker", broker_url, "--redis-url", redis_url,
-               "--model", model, "--web-port", str(self.port), "--session-timeout", "10", "--app-id", app_id,
-               "--partitions", str(PARTITIONS), "--input-topic", topics["input"],
-               "--predictions-topic", topics["predictions"], "--alerts-topic", topics["alerts"],
-               "--dlq-topic", topics["dlq"], "--max-message-bytes", str(MAX_BYTES), *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LSTREAM_")}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-
-    def get(self, path: str) -> tuple[int, bytes, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                return r.status, r.read(), r.headers.get("content-type", "")
-        except urllib.error.HTTPError as e:
-            return e.code, e.read(), e.headers.get("content-type", "")
+        super().__init__(["--broker", broker_url, "--redis-url", redis_url, "--model", model,
+                          "--session-timeout", "10", "--app-id", app_id, "--partitions", str(PARTITIONS),
+                          "--input-topic", topics["input"], "--predictions-topic", topics["predictions"],
+                          "--alerts-topic", topics["alerts"], "--dlq-topic", topics["dlq"],
+                          "--max-message-bytes", str(MAX_BYTES), *extra], log=log, cwd=ROOT)
 
     def metric(self, name: str) -> float:
         """A counter's value from /metrics (0 when absent)."""
         try:
-            _, body, _ = self.get("/metrics")
+            _, body = self.get("/metrics")
         except OSError:
             return -1.0
         for line in body.decode().splitlines():
@@ -87,21 +73,14 @@ class Worker:
         raise AssertionError(f"{name} did not reach {at_least} in {timeout} s; log:\n{self.tail()}")
 
     def check_alive(self) -> None:
-        if self.proc.poll() is not None:
+        if not self.alive():
             raise AssertionError(f"worker exited with {self.proc.returncode}; log:\n{self.tail()}")
 
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"worker did not stop within {timeout} s; log:\n{self.tail()}") from None
+    def stop(self, timeout: float = 30, *, sig: int = signal.SIGTERM) -> int:
+        code = super().stop(timeout, sig=sig)
+        if code == -signal.SIGKILL and sig != signal.SIGKILL:
+            raise AssertionError(f"worker did not stop within {timeout} s; log:\n{self.tail()}")
+        return code
 
 
 def _topics(tag: str) -> dict[str, str]:
@@ -227,17 +206,16 @@ def run(broker_url: str, redis_url: str, model_dir: str, tmp_path_factory: pytes
         preds = ku.read_all(broker_url, topics["predictions"], count=N_STREAMS * N_STEPS + 1, timeout=30, idle=3)
         dlq = ku.read_all(broker_url, topics["dlq"], count=n_bad_messages + 1, timeout=15, idle=2)
         alerts = ku.read_all(broker_url, topics["alerts"], timeout=10, idle=2)
-        http = {path: w.get(path) for path in ("/healthz", f"/streams/{ids[5]}", "/streams/no-such-stream",
+        http = {path: w.fetch(path) for path in ("/healthz", f"/streams/{ids[5]}", "/streams/no-such-stream",
                                                "/metrics")}
         shown = subprocess.run([sys.executable, "-m", "lstream.cli", "state", "show", ids[5], "--json",
                                 "--redis-url", redis_url, "--model", model_dir],
                                cwd=ROOT, capture_output=True, timeout=60)
         t_stop = time.monotonic()
-        rc = w.stop(signal.SIGTERM)
+        rc = w.stop()
         stop_seconds = time.monotonic() - t_stop
     finally:
-        if w.proc.poll() is None:
-            w.proc.kill()
+        w.kill()
     loaded = asyncio.run(_load_states(redis_url, model_dir, ids))
     return dict(data=data, ids=ids, bad=bad, preds=preds, dlq=dlq, alerts=alerts, offline=offline, http=http,
                 shown=shown, rc=rc, stop_seconds=stop_seconds, loaded=loaded, topics=topics, elapsed=elapsed,
@@ -396,10 +374,9 @@ def test_sigterm_then_sigkill_mid_run_then_two_workers_apply_every_event_once(br
     w = Worker(broker_url, redis_url, model_dir, topics, f"kill-{uid}", log, *args)
     try:
         first = w.wait_metric("lstream_events_applied_total", total // 5, timeout=120)
-        assert w.stop(signal.SIGTERM) == 0, w.tail()
+        assert w.stop() == 0, w.tail()
     finally:
-        if w.proc.poll() is None:
-            w.proc.kill()
+        w.kill()
     assert first < total, "the worker finished before it was stopped: the test proved nothing"
 
     # 2. A graceful stop committed what it applied: the next worker replays nothing. SIGKILL it.
@@ -407,11 +384,9 @@ def test_sigterm_then_sigkill_mid_run_then_two_workers_apply_every_event_once(br
     try:
         second = w.wait_metric("lstream_events_applied_total", total // 5, timeout=120)
         replayed_after_sigterm = w.metric("lstream_replayed_skipped_total")
-        w.proc.send_signal(signal.SIGKILL)
-        w.proc.wait(10)
+        w.kill()
     finally:
-        if w.proc.poll() is None:
-            w.proc.kill()
+        w.kill()
     assert replayed_after_sigterm == 0
     assert first + second < total, "the worker finished before it was killed: the test proved nothing"
 
@@ -430,11 +405,10 @@ def test_sigterm_then_sigkill_mid_run_then_two_workers_apply_every_event_once(br
             time.sleep(0.5)
         owned = [set(json.loads(w.get("/healthz")[1])["assigned_partitions"]) for w in ws]
         applied = [w.metric("lstream_events_applied_total") for w in ws]
-        assert [w.stop(signal.SIGTERM) for w in ws] == [0, 0]
+        assert [w.stop() for w in ws] == [0, 0]
     finally:
         for w in ws:
-            if w.proc.poll() is None:
-                w.proc.kill()
+            w.kill()
     assert owned[0] | owned[1] == set(range(PARTITIONS)) and not owned[0] & owned[1], owned
     assert sum(applied) > 0
     _assert_states_match(loaded, ids, offline)
@@ -491,7 +465,7 @@ def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
         while json.loads(w.get("/healthz")[1])["redis"] != "down":
             assert time.monotonic() < deadline, w.tail()
             time.sleep(0.1)
-        status, body, _ = w.get("/healthz")
+        status, body = w.get("/healthz")
         assert status == 503 and json.loads(body)["status"] == "degraded"
         time.sleep(2)  # several retries, still one log line
         assert w.metric("lstream_events_applied_total") == half
@@ -501,8 +475,7 @@ def test_redis_outage_waits_and_loses_nothing(broker_url, model_dir, tmp_path):
         assert w.stop() == 0
         loaded = asyncio.run(_load_states(url, model_dir, ids))
     finally:
-        if w.proc.poll() is None:
-            w.proc.kill()
+        w.kill()
         server.stop()
     text = log.read_text()
     assert text.count("redis unavailable") == 1, w.tail()
