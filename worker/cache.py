@@ -130,7 +130,12 @@ class StateCache:
         if n > self.max_entries:  # hold the last ones only
             rows = rows[n - self.max_entries:]
         slot = self._slot
-        new = sum(1 for i in rows.tolist() if ids[i] not in slot)
+        new = 0
+        for i in rows.tolist():  # the batch's own streams become the most recent: never evicted below
+            if ids[i] in slot:
+                slot.move_to_end(ids[i])
+            else:
+                new += 1
         while len(slot) + new > self.max_entries:
             _, k = slot.popitem(last=False)
             self._free.append(k)

@@ -12,6 +12,7 @@ import pytest
 from evaluation.replay import replay_streams
 from kernels import load_model
 from kernels.engine import Engine
+from kernels.states import StreamStates
 from series.csvdata import Series
 from state.store import StateStore
 from tests.workerutil import Collect, event, series_data, small_model
@@ -130,3 +131,29 @@ def test_a_state_changed_behind_the_worker_is_seen_after_cache_age(model, redis_
 
     assert asyncio.run(run(0.0)) == 3  # read again: the reset took effect, the stream restarted
     assert asyncio.run(run(60.0)) == 6  # held: documented delay of up to cache_age
+
+
+def test_a_full_cache_evicts_others_never_the_batch_it_is_putting():
+    # Regression (lstream bench scale, 100k streams): a batch holding the least recently used
+    # streams of a full cache evicted them, then found no free slot for them and grew the arena
+    # one entry at a time (a full copy each time: minutes per batch).
+    from worker.cache import StateCache
+
+    cache = StateCache(lambda n: StreamStates.zeros(n, 1, 2, 1), max_entries=4)
+    grows: list[int] = []
+    grow = cache._grow
+    cache._grow = lambda extra: (grows.append(extra), grow(extra))  # type: ignore[method-assign]
+
+    def put(ids: list[str]) -> None:
+        n = len(ids)
+        st = StreamStates.zeros(n, 1, 2, 1)
+        st.steps[:] = [int(s[1:]) for s in ids]
+        z = np.zeros(n)
+        cache.put(ids, st, z, z, z, z, [None] * n, 0.0)
+
+    put(["s1", "s2", "s3", "s4"])  # full; s1 is the least recently used
+    put(["s1", "s2", "s5", "s6"])  # s1, s2 held and in the batch: s3, s4 must go, not s1
+    assert sorted(cache.ids()) == ["s1", "s2", "s5", "s6"] and cache.evictions == 2
+    assert cache._cap == 4 and grows == [4]
+    held, _ = cache.get(["s1", "s5"])
+    assert held.steps.tolist() == [1, 5]
