@@ -169,8 +169,9 @@ class ScaleOut:
             last = max(reader.stamps) / 1000
             done = sum(1 for t in reader.stamps if t > start * 1000)
             result.early = 1 - done / readings
-            if done < readings / 4:
+            if done < readings / 4 or last <= start:
                 result.note = "most of the feed was done before the group was complete: use a larger feed"
+                return result
             result.rate = done / (last - start)
             cpu = sum(s.at(last) - s.at(start) for s in samplers)
             result.cpu_us = cpu / done * 1e6

@@ -208,6 +208,8 @@ class WorkerMetrics:
                                                             "or rebalance).")
         self.fenced = counter("lstream_saves_fenced", "State saves refused by the fence (a newer position was "
                                                       "stored).")
+        self.saved = counter("lstream_states_saved", "Stream states written by fenced saves (one per stream "
+                                                     "and batch).")
         self.predictions = counter("lstream_predictions", "Predictions emitted.")
         self.alerts = CountedAtDelivery()
         self.alert_reasons = counter("lstream_alerts", "Alerts delivered (one per anomalous episode), by "

@@ -52,6 +52,7 @@ class BatchResult:
     alerts: int = 0
     streams: int = 0
     fenced: int = 0  # saves refused because another worker stored a newer position
+    saved: int = 0  # stream states written by the fenced save
     steps: int = 0  # kernel calls (the most events of one stream in this batch)
 
 
@@ -271,6 +272,7 @@ class Pipeline:
                 await self._rewind(p.rewound)
             landed = await self._save(done.ids, done.states, done.last)
             res.fenced = int(len(landed) - landed.sum())
+            res.saved = int(landed.sum())
             res.applied = int(np.asarray(done.counts)[landed].sum())
             if res.fenced and self.cache is not None:
                 # Someone else saved a newer position: our copies are not the truth, reload them.
@@ -290,6 +292,7 @@ class Pipeline:
         m.alerts.inc(res.alerts)
         m.replayed.inc(res.replayed)
         m.fenced.inc(res.fenced)
+        m.saved.inc(res.saved)
         m.duplicates.inc(res.rejected.get(ev.DUPLICATE, 0))
         for code, k in res.rejected.items():
             m.rejected.inc(k, code=code)

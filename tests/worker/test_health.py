@@ -123,6 +123,7 @@ EXPECTED = {
     "lstream_duplicates_skipped": ("counter", set()),
     "lstream_replayed_skipped": ("counter", set()),
     "lstream_saves_fenced": ("counter", set()),
+    "lstream_states_saved": ("counter", set()),
     "lstream_predictions": ("counter", set()),
     "lstream_alerts": ("counter", {"severity", "reason"}),
     "lstream_batches": ("counter", set()),
@@ -176,6 +177,8 @@ def test_metrics_of_a_running_worker_by_the_book(running, model_dir):
     total = STREAMS * STEPS
     assert w.sample("lstream_input_messages_total") == total + 1
     assert w.sample("lstream_predictions_total") == total
+    # every batch saves each of its streams once: at least one save per stream, at most one per event
+    assert STREAMS <= w.sample("lstream_states_saved_total") <= total
     assert w.sample("lstream_dead_letters_total", code="bad_json") == 1
     alerts = [s for s in fams["lstream_alerts"].samples if s.value > 0]
     assert sum(s.value for s in alerts) == 1 and alerts[0].labels["severity"] in ("warning", "critical")
