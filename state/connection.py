@@ -151,10 +151,11 @@ class Connection:
             raise
         return conn
 
-    async def call(self, aw: Awaitable[T], what: str = "") -> T:
-        """``await aw`` within the timeout; redis-py and socket errors come out typed."""
+    async def call(self, aw: Awaitable[T], what: str = "", streams: int = 0) -> T:
+        """``await aw`` within the timeout (twice the socket timeout, once more per 2,048
+        ``streams`` the call carries); redis-py and socket errors come out typed."""
         try:
-            async with asyncio.timeout(self.timeout * 2):
+            async with asyncio.timeout(self.timeout * (2 + streams // 2048)):
                 return await aw
         except StateError:
             raise

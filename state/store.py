@@ -49,6 +49,10 @@ __all__ = ["ALREADY", "APPLIED", "DUPLICATE", "STALE", "Loaded", "Saved", "State
 
 HERE = Path(__file__).resolve().parent
 FENCE_LUA = (HERE / "fence.lua").read_text()
+# Streams per script call. A call's cost grows with its streams (~10 KB each with adaptation),
+# and Redis runs nothing else meanwhile: bounded calls keep other clients served and every
+# round trip within the connection's timeout per CHUNK streams (state.connection).
+CHUNK = 2048
 LOAD_LUA = (HERE / "load.lua").read_text()
 
 
@@ -238,7 +242,7 @@ class StateStore:
             pipe = c.client.pipeline()
             for k in keys:
                 pipe.hmget(k, ROW_FIELDS)
-            rows = [c.check(r) for r in await c.call(pipe.execute(raise_on_error=False), "HMGET")]
+            rows = [c.check(r) for r in await c.call(pipe.execute(raise_on_error=False), "HMGET", len(keys))]
         else:
             rows = await self._evalsha_load(keys)
         loaded = decode_rows(rows, self.fresh(n), model=self._model_b, shape=self._shape())
@@ -255,12 +259,15 @@ class StateStore:
     async def _evalsha_load(self, keys: builtins.list[str]) -> builtins.list[Any]:
         c = self.conn
         for _ in range(2):
-            try:
-                return await c.call(c.client.evalsha(self._load_sha, len(keys), *keys, *ROW_FIELDS), "load")
-            except StateError as exc:
-                if not isinstance(exc.__cause__, NoScriptError):
-                    raise
+            pipe = c.client.pipeline(transaction=False)
+            for a in range(0, len(keys), CHUNK):  # one script call per CHUNK streams
+                part = keys[a:a + CHUNK]
+                pipe.evalsha(self._load_sha, len(part), *part, *ROW_FIELDS)
+            replies = await c.call(pipe.execute(raise_on_error=False), "load", len(keys))
+            if any(isinstance(r, NoScriptError) for r in replies):
                 await self._load_scripts()  # the server restarted or flushed its scripts
+                continue
+            return [row for r in replies for row in c.check(r)]
         raise StateError(f"Redis at {self.url}: the load script keeps disappearing (SCRIPT FLUSH?)")
 
     # ------------------------------------------------------------------ save
@@ -326,22 +333,27 @@ class StateStore:
     async def _save_single(self, keys: list[str], head: list[Any], rows: list[list[Any]], ids: Sequence[str],
                            now: float) -> np.ndarray:
         c = self.conn
-        flat = [v for r in rows for v in r]
+        chunks = [slice(a, a + CHUNK) for a in range(0, len(keys), CHUNK)]
         for _ in range(2):
             pipe = c.client.pipeline(transaction=False)
-            pipe.evalsha(self._fence_sha, len(keys), *keys, *head, *flat)
+            for part in chunks:  # one script call per CHUNK streams: Redis is never blocked long
+                pipe.evalsha(self._fence_sha, len(keys[part]), *keys[part], *head,
+                             *[v for r in rows[part] for v in r])
             self._index_commands(pipe, ids, now)
             if self.durability.kind != "none":
                 self.durability.queue(pipe)
-            replies = await c.call(pipe.execute(raise_on_error=False), "save")
-            if isinstance(replies[0], NoScriptError):
-                await self._load_scripts()  # did not run: the server restarted or flushed its scripts
+            replies = await c.call(pipe.execute(raise_on_error=False), "save", len(keys))
+            if any(isinstance(r, NoScriptError) for r in replies[:len(chunks)]):
+                # The server restarted or flushed its scripts. Chunks that did run answer
+                # "already" the second time (their positions are stored): nothing applies twice.
+                await self._load_scripts()
                 continue
-            codes = np.asarray(c.check(replies[0]), np.int64)
-            for r in replies[1:-1] if self.durability.kind != "none" else replies[1:]:
+            codes = np.concatenate([np.asarray(c.check(r), np.int64) for r in replies[:len(chunks)]])
+            rest = replies[len(chunks):]
+            for r in rest[:-1] if self.durability.kind != "none" else rest:
                 c.check(r)
             if self.durability.kind != "none":
-                self.durability.verify(c.check(replies[-1]), self.url)
+                self.durability.verify(c.check(rest[-1]), self.url)
             return codes
         raise StateError(f"Redis at {self.url}: the fence script keeps disappearing (SCRIPT FLUSH?)")
 
@@ -357,7 +369,7 @@ class StateStore:
                 pipe.execute_command("EVALSHA", self._fence_sha, 1, keys[j], *head, *rows[j])
             if not index_done:
                 self._index_commands(pipe, ids, now)
-            replies = await c.call(pipe.execute(raise_on_error=False), "save")
+            replies = await c.call(pipe.execute(raise_on_error=False), "save", len(keys))
             again = []
             for j, r in zip(todo, replies):
                 if isinstance(r, NoScriptError) or (isinstance(r, ResponseError) and str(r).startswith("NOSCRIPT")):

@@ -202,8 +202,11 @@ class TimedStore:
 
     def _timed(self, op: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def call(*args: Any, **kwargs: Any) -> Any:
+            # A call for many streams gets the deadline once more per 2,048 of them (the store
+            # sends them in bounded script calls): a large batch must never time out for good.
+            streams = len(args[0]) if args and isinstance(args[0], (list, tuple)) else 0
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(self.timeout * (1 + streams // 2048)):
                     return await fn(*args, **kwargs)
             except TimeoutError as exc:
                 self._count(op, "timeout", exc)

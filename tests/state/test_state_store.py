@@ -604,3 +604,35 @@ def test_durability_replicas_waits_for_a_replica() -> None:
             while r.hget(codec.state_key("dur-a"), "offset") != b"6":  # WAIT said it got there
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+
+
+def test_a_batch_larger_than_one_script_call_is_split_and_fenced_the_same(redis_url: str) -> None:
+    # Regression (lstream bench scale, 100k streams): one script call for ~77k streams took
+    # longer than the round-trip deadline, so the batch was retried for ever. Now a save and a
+    # load go out in script calls of at most CHUNK streams, and the deadline grows with them.
+    from state.store import CHUNK
+
+    n = 2 * CHUNK + 7
+    ids = [f"{tag()}-{i}" for i in range(n)]
+    st = filled(n, 0.5, steps=3)
+    first = Positions.build(np.zeros(n, np.int64), np.full(n, 10), np.arange(n), np.full(n, 1.7e9), [None] * n)
+    older = Positions.build(np.zeros(n, np.int64), np.full(n, 9), np.arange(n), np.full(n, 1.7e9), [None] * n)
+    client = redis.Redis.from_url(redis_url)
+
+    def script_calls() -> int:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async def go(store: StateStore) -> tuple[Any, Any, Any, int, int]:
+        before = script_calls()
+        saved = await store.save(ids, st, first)
+        saves = script_calls() - before
+        again = await store.save(ids, filled(n, 9.0, steps=4), older)  # older everywhere: refused
+        before = script_calls()
+        loaded = await store.load(ids)
+        return saved, again, loaded, saves, script_calls() - before
+
+    saved, again, loaded, saves, loads = with_store(redis_url, go)
+    assert saves == loads == 3
+    assert (saved.code == APPLIED).all() and (again.code == STALE).all()
+    assert loaded.found.all() and (loaded.states.steps == 3).all() and (loaded.states.h == 0.5).all()
+    assert loaded.positions.offset.tolist() == [10] * n and loaded.positions.index.tolist() == list(range(n))
