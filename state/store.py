@@ -258,17 +258,21 @@ class StateStore:
 
     async def _evalsha_load(self, keys: builtins.list[str]) -> builtins.list[Any]:
         c = self.conn
-        for _ in range(2):
-            pipe = c.client.pipeline(transaction=False)
-            for a in range(0, len(keys), CHUNK):  # one script call per CHUNK streams
-                part = keys[a:a + CHUNK]
-                pipe.evalsha(self._load_sha, len(part), *part, *ROW_FIELDS)
-            replies = await c.call(pipe.execute(raise_on_error=False), "load", len(keys))
-            if any(isinstance(r, NoScriptError) for r in replies):
-                await self._load_scripts()  # the server restarted or flushed its scripts
-                continue
-            return [row for r in replies for row in c.check(r)]
-        raise StateError(f"Redis at {self.url}: the load script keeps disappearing (SCRIPT FLUSH?)")
+        rows: builtins.list[Any] = []
+        for a in range(0, len(keys), CHUNK):  # one round trip per CHUNK streams (see _save_chunk)
+            part = keys[a:a + CHUNK]
+            for _ in range(2):
+                reply = (await c.call(c.client.pipeline(transaction=False)
+                                      .evalsha(self._load_sha, len(part), *part, *ROW_FIELDS)
+                                      .execute(raise_on_error=False), "load", len(part)))[0]
+                if isinstance(reply, NoScriptError):
+                    await self._load_scripts()  # the server restarted or flushed its scripts
+                    continue
+                rows.extend(c.check(reply))
+                break
+            else:
+                raise StateError(f"Redis at {self.url}: the load script keeps disappearing (SCRIPT FLUSH?)")
+        return rows
 
     # ------------------------------------------------------------------ save
 
@@ -332,28 +336,35 @@ class StateStore:
 
     async def _save_single(self, keys: list[str], head: list[Any], rows: list[list[Any]], ids: Sequence[str],
                            now: float) -> np.ndarray:
+        codes = [await self._save_chunk(keys[a:a + CHUNK], head, rows[a:a + CHUNK], ids[a:a + CHUNK], now,
+                                        last=a + CHUNK >= len(keys))
+                 for a in range(0, len(keys), CHUNK)]
+        return np.concatenate(codes)
+
+    async def _save_chunk(self, keys: list[str], head: list[Any], rows: list[list[Any]], ids: Sequence[str],
+                          now: float, last: bool) -> np.ndarray:
+        """One round trip: the fence script for at most CHUNK streams (Redis runs nothing else
+        meanwhile, and the request must be written within the socket timeout), their index
+        entries and, after the last chunk, the durability wait. A retry of the whole save after
+        a failed chunk finds the chunks that landed "already" saved: nothing applies twice."""
         c = self.conn
-        chunks = [slice(a, a + CHUNK) for a in range(0, len(keys), CHUNK)]
+        flat = [v for r in rows for v in r]
+        wait = last and self.durability.kind != "none"
         for _ in range(2):
             pipe = c.client.pipeline(transaction=False)
-            for part in chunks:  # one script call per CHUNK streams: Redis is never blocked long
-                pipe.evalsha(self._fence_sha, len(keys[part]), *keys[part], *head,
-                             *[v for r in rows[part] for v in r])
+            pipe.evalsha(self._fence_sha, len(keys), *keys, *head, *flat)
             self._index_commands(pipe, ids, now)
-            if self.durability.kind != "none":
+            if wait:
                 self.durability.queue(pipe)
             replies = await c.call(pipe.execute(raise_on_error=False), "save", len(keys))
-            if any(isinstance(r, NoScriptError) for r in replies[:len(chunks)]):
-                # The server restarted or flushed its scripts. Chunks that did run answer
-                # "already" the second time (their positions are stored): nothing applies twice.
-                await self._load_scripts()
+            if isinstance(replies[0], NoScriptError):
+                await self._load_scripts()  # did not run: the server restarted or flushed its scripts
                 continue
-            codes = np.concatenate([np.asarray(c.check(r), np.int64) for r in replies[:len(chunks)]])
-            rest = replies[len(chunks):]
-            for r in rest[:-1] if self.durability.kind != "none" else rest:
+            codes = np.asarray(c.check(replies[0]), np.int64)
+            for r in replies[1:-1] if wait else replies[1:]:
                 c.check(r)
-            if self.durability.kind != "none":
-                self.durability.verify(c.check(rest[-1]), self.url)
+            if wait:
+                self.durability.verify(c.check(replies[-1]), self.url)
             return codes
         raise StateError(f"Redis at {self.url}: the fence script keeps disappearing (SCRIPT FLUSH?)")
 
