@@ -1,4 +1,4 @@
-"""``batching=bulk`` (worker/bulk.py) through a real worker, broker and Redis: every event is
+"""``batching=bulk`` (worker/bulk.py, the default) and ``smart`` through a real worker, broker and Redis: every event is
 applied once and predicted once across a graceful restart, so the bulk path's acknowledgements
 reach Faust's offset commits (a commit that lagged would replay events after the restart:
 duplicate predictions), and every stream's stored state counts exactly its events.
@@ -28,10 +28,10 @@ STREAMS, STEPS, PARTITIONS = 12, 40, 4
 
 
 def _worker(broker_url: str, redis_url: str, model: str, topics: dict[str, str], app_id: str,
-            log: Path) -> WorkerProcess:
+            log: Path, batching: str) -> WorkerProcess:
     return WorkerProcess(["--broker", broker_url, "--redis-url", redis_url, "--model", model,
                           "--session-timeout", "10", "--app-id", app_id, "--partitions", str(PARTITIONS),
-                          "--batching", "bulk", "--input-topic", topics["input"],
+                          "--batching", batching, "--input-topic", topics["input"],
                           "--predictions-topic", topics["predictions"], "--alerts-topic", topics["alerts"],
                           "--dlq-topic", topics["dlq"]], log=log, cwd=ROOT)
 
@@ -55,8 +55,10 @@ def _wait_predictions(broker_url: str, topic: str, count: int, w: WorkerProcess)
     raise AssertionError(f"fewer than {count} predictions within 120 s:\n{w.text()[-3000:]}")
 
 
+# bulk is the default; smart (the same batches through Faust's agent) is checked the same way.
+@pytest.mark.parametrize("batching", ["bulk", "smart"])
 def test_bulk_worker_applies_and_predicts_each_event_once_across_a_graceful_restart(
-        broker_url: str, redis_url: str, tmp_path: Path) -> None:
+        broker_url: str, redis_url: str, tmp_path: Path, batching: str) -> None:
     model = small_model(tmp_path / "model")
     tag = ku.unique_topic("b")
     topics = {k: f"{tag}-{k}" for k in ("input", "predictions", "alerts", "dlq")}
@@ -64,13 +66,13 @@ def test_bulk_worker_applies_and_predicts_each_event_once_across_a_graceful_rest
     log = tmp_path / "worker.log"
     half = STEPS // 2
     ku.produce(broker_url, topics["input"], _events(tag, range(half)))
-    first = _worker(broker_url, redis_url, model, topics, f"app-{tag}", log)
+    first = _worker(broker_url, redis_url, model, topics, f"app-{tag}", log, batching)
     try:
         _wait_predictions(broker_url, topics["predictions"], STREAMS * half, first)
     finally:
         assert first.stop(60) == 0, first.text()[-3000:]
     ku.produce(broker_url, topics["input"], _events(tag, range(half, STEPS)))
-    second = _worker(broker_url, redis_url, model, topics, f"app-{tag}", log)
+    second = _worker(broker_url, redis_url, model, topics, f"app-{tag}", log, batching)
     try:
         _wait_predictions(broker_url, topics["predictions"], STREAMS * STEPS, second)
         time.sleep(2.0)  # anything replayed would come now
