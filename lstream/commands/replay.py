@@ -75,8 +75,15 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         from training.plot import plot_replay
 
         plot_replay(list(zip(streams, results)), args.plot, engine.threshold, max_streams=args.plot_streams)
+    from evaluation.metrics import forecast_metrics
+
     for s, r in zip(streams, results):
-        print(f"{s.name}: {len(s)} readings, {int(r.anomaly.sum())} anomalous, {int(r.alert.sum())} alert(s)")
+        acc = forecast_metrics(s.values, r.expected, probation=0.0)
+        print(f"{s.name}: {len(s)} readings, {int(r.anomaly.sum())} anomalous, {int(r.alert.sum())} alert(s); "
+              f"forecast MAE {acc.mae:.4g} vs {acc.mae_persistence:.4g} for persistence (MASE {acc.mase:.3f})")
+        if not acc.mase < 1.0:  # NaN too: no scored forecast, nothing shows the model helps
+            print(f"WARNING: {s.name}: the model's forecasts are no better than repeating the last reading "
+                  f"(MASE {acc.mase:.3f}); lstream eval compares it with seasonal-naive too")
     if args.explain:
         from evaluation.explain_replay import write_explanations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,12 @@ def test_replay_cli_writes_csvs_and_plot(tmp_path: Path, capsys: pytest.CaptureF
     assert iso_rows[0][0] == "2024-01-01 00:00:00"  # timestamps kept as written
     assert png.stat().st_size > 20_000
     assert "sensor-000: 700 readings" in stdout
+    # the persistence baseline beside the model's error, and a warning where the model is not better
+    line = next(x for x in stdout.splitlines() if x.startswith("sensor-000:"))
+    pattern = r"MAE ([0-9.e+-]+) vs ([0-9.e+-]+) for persistence \(MASE ([0-9.]+)"
+    mae, naive, mase = (float(v) for v in re.findall(pattern, line)[0])
+    assert mase == pytest.approx(mae / naive, rel=1e-2)
+    assert ("WARNING: sensor-000" in stdout) == (mase >= 1.0)
 
 
 def test_replay_cli_several_features_and_stream_column(tmp_path: Path, global_model: Path,
