@@ -27,7 +27,7 @@ redis-server:
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
 	  { echo "could not install redis-server; install it with your package manager (e.g. apt-get install redis-server)"; exit 1; }; }
 
-# ruff (style, bugs) and mypy (kernels, state, worker: see pyproject.toml) gate the tests.
+# ruff (style, bugs) and mypy (every package: see pyproject.toml) gate the tests.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
