@@ -34,7 +34,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,7 @@ from benchmarks.e2e import ROOT, CpuSampler, OutputReader, model_dir
 
 if TYPE_CHECKING:
     from lstream.devservices import WorkerProcess
+    from lstream.feeds import Reading
 
 GATEWAY_BATCH = 100
 
@@ -101,32 +102,19 @@ def _peak_rss_mb(pid: int) -> float:
     return math.nan
 
 
-async def _send(broker: str, topic: str, ids: Sequence[str], steps: range, t0: float) -> int:
-    """Readings ``steps`` of every stream, step by step, in gateway batches; returns messages."""
-    import orjson
+def _readings(ids: Sequence[str], steps: range, t0: float) -> Iterator[Reading]:
+    """Readings ``steps`` of every stream, one step of every stream at a time."""
+    for k in steps:
+        for i, sid in enumerate(ids):
+            yield sid, k, t0 + 60.0 * k, [math.sin(k / 7.0 + i) * 10.0 + i % 13]
 
-    from lstream.feeds import gateway_of
-    from worker.kafka import Sender
 
-    gateways = max(1, len(ids) // 1000)
-    messages = 0
-    async with Sender(broker, linger_ms=20) as sender:
-        for k in steps:
-            buffers: dict[str, list[dict[str, Any]]] = {}
-            for i, sid in enumerate(ids):
-                gw = gateway_of(sid, gateways)
-                buf = buffers.setdefault(gw, [])
-                buf.append({"stream_id": sid, "ts": t0 + 60.0 * k,
-                            "values": [math.sin(k / 7.0 + i) * 10.0 + i % 13], "event_id": f"{sid}:{k}"})
-                if len(buf) >= GATEWAY_BATCH:
-                    await sender.send(topic, orjson.dumps(buf), gw.encode())
-                    messages += 1
-                    buffers[gw] = []
-            for gw, buf in buffers.items():
-                if buf:
-                    await sender.send(topic, orjson.dumps(buf), gw.encode())
-                    messages += 1
-    return messages
+async def _send(broker: str, topic: str, ids: Sequence[str], steps: range, t0: float, partitions: int) -> None:
+    """The readings in gateway batches of GATEWAY_BATCH (lstream.feeds, as ``lstream produce --batch``)."""
+    from lstream.feeds import send_readings
+
+    await send_readings(broker, topic, _readings(ids, steps, t0), batch=GATEWAY_BATCH,
+                        gateways=max(1, len(ids) // 1000), partitions=partitions)
 
 
 class Scale:
@@ -185,7 +173,7 @@ class Scale:
         row.readings = n * k
         t0 = time.time() - 86_400.0
         sent = time.monotonic()
-        await _send(self.broker, topics["in"], ids, range(k), t0)
+        await _send(self.broker, topics["in"], ids, range(k), t0, self.partitions)
         self.log(f"{n} streams: produced {row.readings} readings in {time.monotonic() - sent:.1f} s")
         before = _redis_info(self.redis_url)
         reader = OutputReader(self.broker, topics["out"])
@@ -205,7 +193,7 @@ class Scale:
             row.redis_us_per_save = cpu_us / saves if saves else math.nan
             row.redis_bytes_per_stream = (after["used_memory"] - before["used_memory"]) / n
             # Cold: a new process holds nothing; every stream is loaded from Redis.
-            await _send(self.broker, topics["in"], ids, range(k, k + 1), t0)
+            await _send(self.broker, topics["in"], ids, range(k, k + 1), t0, self.partitions)
             w = self._start_worker(run_id, topics, "cold")
             try:
                 row.cold_seconds, _ = await self._drain(w.proc, reader, n)
