@@ -154,31 +154,26 @@ def dead_letter_doc(r: Rejection, raw_max: int | None = None) -> dict[str, Any]:
         source["index"] = r.index
     detail = r.detail if len(r.detail) <= DETAIL_MAX else r.detail[:DETAIL_MAX] + "..."
     doc: dict[str, Any] = {"error": r.code, "detail": detail, "source": source}
-    if r.key is None:
-        doc["key"] = None
-    else:
-        k = r.key
-        if len(k) > KEY_MAX:
-            k = _cut_utf8(k, KEY_MAX)
-            doc["key_truncated"] = True
-        key, key_b64 = _text_or_b64(k)
-        doc["key"] = key
-        if key_b64:
-            doc["key_b64"] = True
+    _put_bytes(doc, "key", r.key, KEY_MAX)
     if r.stream_id is not None and r.stream_id != doc["key"]:
         doc["stream_id"] = r.stream_id
-    raw = r.raw
-    if raw is None:
-        doc["raw"] = None
-    else:
-        if len(raw) > raw_max:
-            raw = _cut_utf8(raw, raw_max)
-            doc["raw_truncated"] = True
-        text, b64 = _text_or_b64(raw)
-        doc["raw"] = text
-        if b64:
-            doc["raw_b64"] = True
+    _put_bytes(doc, "raw", r.raw, raw_max)
     return doc
+
+
+def _put_bytes(doc: dict[str, Any], name: str, value: bytes | None, limit: int) -> None:
+    """``doc[name]``: ``value`` as text (base64 with ``<name>_b64``), cut to ``limit`` bytes on a
+    UTF-8 boundary with ``<name>_truncated``; None stays None."""
+    if value is None:
+        doc[name] = None
+        return
+    if len(value) > limit:
+        value = _cut_utf8(value, limit)
+        doc[f"{name}_truncated"] = True
+    text, b64 = _text_or_b64(value)
+    doc[name] = text
+    if b64:
+        doc[f"{name}_b64"] = True
 
 
 def _json_items(a: np.ndarray) -> list[bytes]:
